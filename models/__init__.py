@@ -1,0 +1,1 @@
+"""ichnode models: phantoms, preprocessing, networks, training/evaluation, bundled demo weights."""

@@ -1,0 +1,1 @@
+"""The ``ichnode`` admin CLI (Typer + Rich). One module per area registers its commands."""

@@ -1,0 +1,71 @@
+"""Entry point of the ``ichnode`` command: global options and the command groups."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from node.cli import common
+from node.cli.common import STATE, console, fail, print_json
+from node.config import masked_dump
+
+app = typer.Typer(
+    name="ichnode",
+    help="PACS-integrated DICOM node for emergency head CT (ICH triage, segmentation, SEG/SR).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models on phantoms or your own data.", no_args_is_help=True)
+evaluate_app = typer.Typer(help="Evaluate models on held-out data.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(train_app, name="train")
+app.add_typer(evaluate_app, name="evaluate")
+
+
+@app.callback()
+def main(
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", envvar="ICHNODE_CONFIG", help="Config file (TOML or YAML)"
+    ),
+) -> None:
+    STATE.config_path = config
+    STATE._settings = None
+
+
+@config_app.command("check")
+def config_check(as_json: bool = common.JSON_OPTION) -> None:
+    """Validate the config file and print the effective configuration (secrets masked)."""
+    settings = STATE.settings()
+    data = masked_dump(settings)
+    unknown = [n for n in settings.routing.results_to if n not in settings.destinations]
+    if unknown:
+        fail(f"routing.results_to names unknown destination(s): {', '.join(unknown)}")
+    if as_json:
+        print_json(data)
+        return
+    import yaml
+
+    console.print(yaml.safe_dump(data, sort_keys=False), highlight=False, end="")
+    console.print("[green]configuration OK[/]")
+
+
+def _register_all() -> None:
+    # Each area owns one module; registering here keeps ``main`` free of their imports' cost
+    # until a command runs (heavy imports such as torch happen inside the commands).
+    from node.cli import ai_cmds, deid_cmds, ner_cmds, node_cmds, phantom_cmds, results_cmds
+
+    for module in (node_cmds, phantom_cmds, deid_cmds, ai_cmds, ner_cmds, results_cmds):
+        module.register(app, train_app, evaluate_app)
+
+
+_register_all()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    logging.basicConfig()
+    app()

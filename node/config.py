@@ -1,0 +1,287 @@
+"""The node's one configuration: a TOML or YAML file plus ``ICHNODE_*`` environment overrides.
+
+Defaults give the embedded mode: SQLite index and spool under ``./var``, a broker transport that
+needs no server, and a worker process started by ``ichnode serve``.
+
+Environment overrides use ``ICHNODE_`` and ``__`` between levels, e.g.
+``ICHNODE_DICOM__PORT=11113`` or ``ICHNODE_QUEUE__BROKER_URL=redis://127.0.0.1:6379/0``.
+Each section class below belongs to one part of the system; keep a section's fields next to
+the code that reads them in spirit, and document every field (the README's configuration
+reference is generated from these descriptions by ``ichnode config check --reference``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "ICHNODE_CONFIG"
+AE_TITLE_MAX = 16
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names the file and the field."""
+
+
+def _check_ae_title(value: str) -> str:
+    value = value.strip()
+    if not value or len(value) > AE_TITLE_MAX or "\\" in value or not value.isprintable():
+        raise ValueError(f"AE title {value!r} must be 1-16 printable characters without backslash")
+    return value
+
+
+class DicomSection(BaseModel):
+    """The DICOM service (SCP) that scanners and PACS send to."""
+
+    ae_title: str = Field("ICHNODE", description="Our AE title (called AE that senders must use)")
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all interfaces)")
+    port: int = Field(11112, ge=1, le=65535, description="TCP port of the Storage/Verification SCP")
+    allowed_calling_aes: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to associate; empty list = any AE title",
+    )
+    allowed_addresses: list[str] = Field(
+        default_factory=list,
+        description="Peer IP addresses or CIDR networks allowed to connect; empty = any address",
+    )
+    require_called_ae: bool = Field(True, description="Reject associations whose called AE is not ours")
+    max_associations: int = Field(10, ge=1, le=500, description="Concurrent associations accepted")
+    max_pdu: int = Field(131072, ge=0, description="Maximum PDU size we receive (bytes, 0 = unlimited)")
+    acse_timeout: float = Field(30.0, gt=0, description="ACSE timeout (s)")
+    dimse_timeout: float = Field(60.0, gt=0, description="DIMSE timeout (s)")
+    network_timeout: float = Field(60.0, gt=0, description="Network (idle) timeout (s)")
+    tls_cert: Path | None = Field(None, description="PEM certificate: enables DICOM TLS on the SCP")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
+    tls_ca: Path | None = Field(None, description="CA bundle to verify peer certificates (mutual TLS)")
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _check_allowed(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+
+class StorageSection(BaseModel):
+    """Where received instances and work items live, and the index database."""
+
+    root: Path = Field(Path("var"), description="Base folder for spool, work items and logs")
+    index_url: str = Field(
+        "", description="SQLAlchemy URL of the index; empty = sqlite file <root>/index.sqlite3"
+    )
+    min_free_mb: int = Field(
+        500, ge=0, description="Refuse new instances (0xA700) when the spool disk has less free space"
+    )
+    fsync: bool = Field(True, description="fsync each received instance before acknowledging it")
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.root / "spool"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def resolved_index_url(self) -> str:
+        return self.index_url or f"sqlite:///{(self.root / 'index.sqlite3').resolve()}"
+
+
+class AssemblySection(BaseModel):
+    """When a study counts as complete, and which series is analysed."""
+
+    quiet_period_s: float = Field(
+        60.0, gt=0, description="Study complete after this long without a new instance"
+    )
+    min_slices: int = Field(16, ge=1, description="Fewest axial slices a usable head series has")
+    max_slice_thickness_mm: float = Field(5.0, gt=0, description="Thickest usable reconstruction")
+    poll_interval_s: float = Field(1.0, gt=0, description="How often the assembler looks at studies")
+
+
+class QueueSection(BaseModel):
+    """Celery broker and worker settings."""
+
+    broker_url: str = Field(
+        "",
+        description="Celery broker URL; empty = embedded filesystem transport under <root>/broker",
+    )
+    result_backend: str = Field("", description="Celery result backend; empty = none needed")
+    embedded_worker: bool = Field(
+        True, description="`ichnode serve` starts and supervises a local worker for all queues"
+    )
+    worker_concurrency: int = Field(1, ge=1, le=64, description="Processes of the embedded worker")
+    max_attempts: int = Field(3, ge=1, le=20, description="Attempts of a job before it is failed")
+    retry_backoff_s: float = Field(5.0, ge=0, description="First retry delay; doubles each attempt")
+    task_timeout_s: float = Field(900.0, gt=0, description="Hard time limit of one task")
+
+
+class Destination(BaseModel):
+    """A DICOM peer we send to (C-STORE)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    storage_commitment: bool = Field(False, description="Confirm deliveries with Storage Commitment")
+    tls: bool = Field(False, description="Use DICOM TLS to this peer")
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class SendSection(BaseModel):
+    """The SCU that delivers to destinations (outbox)."""
+
+    calling_ae: str = Field("ICHNODE", description="AE title we use when sending")
+    max_attempts: int = Field(8, ge=1, le=100, description="Attempts before a send is failed")
+    retry_backoff_s: float = Field(5.0, ge=0, description="First retry delay; doubles each attempt")
+    max_backoff_s: float = Field(600.0, ge=0, description="Longest delay between attempts")
+    max_pdu: int = Field(131072, ge=0, description="Maximum PDU size when sending")
+
+    _ae = field_validator("calling_ae")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class ModelsSection(BaseModel):
+    """Which weights the gpu/ner workers load (folders with a model card and checksum)."""
+
+    triage: Path | None = Field(None, description="Triage model folder; empty = bundled demo weights")
+    segment: Path | None = Field(None, description="Segmentation model folder; empty = bundled demo")
+    ner: Path | None = Field(None, description="NER model folder; empty = bundled demo weights")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device")
+
+
+class DeidSection(BaseModel):
+    """De-identification and defacing in the PHI zone."""
+
+    deface_mode: Literal["ichnode", "mosmed", "off"] = Field(
+        "ichnode", description="Defacing method for work items and de-identified copies"
+    )
+    date_shift_days: int | None = Field(
+        None, description="Fixed date shift; empty = per-patient shift derived from the secret"
+    )
+    secret: SecretStr = Field(
+        SecretStr(""), description="Key for pseudonyms/UID remapping; empty = generated and stored"
+    )
+
+
+class RoutingSection(BaseModel):
+    """Routing rules, worklist priority and notifications."""
+
+    rules_file: Path | None = Field(None, description="YAML routing rules; empty = no rules")
+    results_to: list[str] = Field(
+        default_factory=list, description="Destinations that always receive SEG/SR/overlay"
+    )
+    hl7_host: str | None = Field(None, description="RIS MLLP host for priority messages")
+    hl7_port: int | None = Field(None, ge=1, le=65535, description="RIS MLLP port")
+    webhook_url: str | None = Field(None, description="URL that receives priority JSON (POST)")
+    webhook_secret: SecretStr = Field(SecretStr(""), description="HMAC key for webhook signatures")
+    stat_volume_ml: float = Field(30.0, ge=0, description="Hematoma volume that makes a study STAT")
+    stat_shift_mm: float = Field(5.0, ge=0, description="Midline shift that makes a study STAT")
+
+
+class Settings(BaseSettings):
+    """Effective configuration: file values, then ICHNODE_* environment overrides on top."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ICHNODE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    dicom: DicomSection = Field(default_factory=DicomSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    assembly: AssemblySection = Field(default_factory=AssemblySection)
+    queue: QueueSection = Field(default_factory=QueueSection)
+    send: SendSection = Field(default_factory=SendSection)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    models: ModelsSection = Field(default_factory=ModelsSection)
+    deid: DeidSection = Field(default_factory=DeidSection)
+    routing: RoutingSection = Field(default_factory=RoutingSection)
+    log_level: str = Field("INFO", description="Log level")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the file (init kwargs carry the file's values).
+        return (env_settings, init_settings)
+
+    @property
+    def broker_url(self) -> str:
+        return self.queue.broker_url or "filesystem://"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.storage.root / "broker"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML or YAML file into a dict (never evaluates anything)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a table/mapping")
+    return data
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"{where}: {err['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_settings(path: Path | str | None = None) -> Settings:
+    """Load the file named by ``path`` or $ICHNODE_CONFIG (if any), then environment overrides."""
+    path = path or os.environ.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    source = "environment/defaults"
+    if path:
+        path = Path(path)
+        data = read_config_file(path)
+        source = str(path)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from exc
+
+
+def masked_dump(settings: Settings) -> dict[str, Any]:
+    """Effective configuration for display: secrets and URL passwords masked."""
+    data = settings.model_dump(mode="json")
+    data["queue"]["broker_url"] = mask_url(settings.broker_url)
+    if settings.queue.result_backend:
+        data["queue"]["result_backend"] = mask_url(settings.queue.result_backend)
+    data["storage"]["index_url"] = mask_url(settings.storage.resolved_index_url)
+    return data
+
+
+def mask_url(url: str) -> str:
+    """Hide the password in scheme://user:password@host URLs."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:****@{host}" if ":" in creds else url

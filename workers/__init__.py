@@ -1,0 +1,1 @@
+"""ichnode workers: Celery app and the pipeline steps (deid, gpu, ner, report)."""
