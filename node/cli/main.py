@@ -57,9 +57,11 @@ def config_check(as_json: bool = common.JSON_OPTION) -> None:
 def _register_all() -> None:
     # Each area owns one module; registering here keeps ``main`` free of their imports' cost
     # until a command runs (heavy imports such as torch happen inside the commands).
-    from node.cli import ai_cmds, deid_cmds, ner_cmds, node_cmds, phantom_cmds, results_cmds
+    from node.cli import (ai_cmds, deid_cmds, ner_cmds, node_cmds, phantom_cmds, queue_cmds,
+                          results_cmds)
 
-    for module in (node_cmds, phantom_cmds, deid_cmds, ai_cmds, ner_cmds, results_cmds):
+    for module in (node_cmds, queue_cmds, phantom_cmds, deid_cmds, ai_cmds, ner_cmds,
+                   results_cmds):
         module.register(app, train_app, evaluate_app)
 
 
