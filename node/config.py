@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_ENV = "ICHNODE_CONFIG"
@@ -29,6 +29,12 @@ class ConfigError(Exception):
     """A configuration file that cannot be used; the message names the file and the field."""
 
 
+class Section(BaseModel):
+    """A config section: unknown keys are errors (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 def _check_ae_title(value: str) -> str:
     value = value.strip()
     if not value or len(value) > AE_TITLE_MAX or "\\" in value or not value.isprintable():
@@ -36,7 +42,7 @@ def _check_ae_title(value: str) -> str:
     return value
 
 
-class DicomSection(BaseModel):
+class DicomSection(Section):
     """The DICOM service (SCP) that scanners and PACS send to."""
 
     ae_title: str = Field("ICHNODE", description="Our AE title (called AE that senders must use)")
@@ -68,7 +74,7 @@ class DicomSection(BaseModel):
         return [_check_ae_title(v) for v in values]
 
 
-class StorageSection(BaseModel):
+class StorageSection(Section):
     """Where received instances and work items live, and the index database."""
 
     root: Path = Field(Path("var"), description="Base folder for spool, work items and logs")
@@ -93,7 +99,7 @@ class StorageSection(BaseModel):
         return self.index_url or f"sqlite:///{(self.root / 'index.sqlite3').resolve()}"
 
 
-class AssemblySection(BaseModel):
+class AssemblySection(Section):
     """When a study counts as complete, and which series is analysed."""
 
     quiet_period_s: float = Field(
@@ -104,7 +110,7 @@ class AssemblySection(BaseModel):
     poll_interval_s: float = Field(1.0, gt=0, description="How often the assembler looks at studies")
 
 
-class QueueSection(BaseModel):
+class QueueSection(Section):
     """Celery broker and worker settings."""
 
     broker_url: str = Field(
@@ -121,7 +127,7 @@ class QueueSection(BaseModel):
     task_timeout_s: float = Field(900.0, gt=0, description="Hard time limit of one task")
 
 
-class Destination(BaseModel):
+class Destination(Section):
     """A DICOM peer we send to (C-STORE)."""
 
     ae_title: str
@@ -133,7 +139,7 @@ class Destination(BaseModel):
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
-class SendSection(BaseModel):
+class SendSection(Section):
     """The SCU that delivers to destinations (outbox)."""
 
     calling_ae: str = Field("ICHNODE", description="AE title we use when sending")
@@ -145,7 +151,7 @@ class SendSection(BaseModel):
     _ae = field_validator("calling_ae")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
-class ModelsSection(BaseModel):
+class ModelsSection(Section):
     """Which weights the gpu/ner workers load (folders with a model card and checksum)."""
 
     triage: Path | None = Field(None, description="Triage model folder; empty = bundled demo weights")
@@ -154,7 +160,7 @@ class ModelsSection(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device")
 
 
-class DeidSection(BaseModel):
+class DeidSection(Section):
     """De-identification and defacing in the PHI zone."""
 
     deface_mode: Literal["ichnode", "mosmed", "off"] = Field(
@@ -168,7 +174,7 @@ class DeidSection(BaseModel):
     )
 
 
-class RoutingSection(BaseModel):
+class RoutingSection(Section):
     """Routing rules, worklist priority and notifications."""
 
     rules_file: Path | None = Field(None, description="YAML routing rules; empty = no rules")
