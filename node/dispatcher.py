@@ -9,6 +9,9 @@
   RUNNING are dispatched again (steps are idempotent, the chain restarts at its first step).
 * A job RUNNING without any update for longer than the task time limit plus a minute is
   considered lost (its worker died with the message) and is dispatched again.
+* A job that FAILED (bad series, model error, attempts exhausted) gets a follow-up job of kind
+  ``not_analysed``: PACS receives a short report saying why, so nobody waits for a result that
+  will never come (a triage tool that is silent on failure is unsafe).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import time
 import uuid
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, exists, select, update
+from sqlalchemy.orm import aliased
 
 from node.index import AuditEvent, Index, Job, JobState, Study, utcnow
 
@@ -55,6 +59,7 @@ class Dispatcher:
             self.requeue_stale()
         if now < self._next_try:
             return 0
+        self.report_failures()
         return self.dispatch_pending()
 
     def dispatch_pending(self, limit: int = 100) -> int:
@@ -78,6 +83,25 @@ class Dispatcher:
         if ids:
             log.info("unfinished jobs dispatched again", extra={"jobs": len(ids), "ok": count})
         return count
+
+    def report_failures(self) -> int:
+        """Create a ``not_analysed`` job for each failed analysis that has no later job."""
+        if "report" not in self.settings.queue.steps:
+            return 0
+        later = aliased(Job)
+        with self.index.session() as s:
+            failed = s.execute(select(Job).where(
+                Job.state == JobState.FAILED, Job.kind != "not_analysed",
+                ~exists().where(and_(later.study_id == Job.study_id, later.id > Job.id)),
+            )).scalars().all()
+            for job in failed:
+                study = s.get(Study, job.study_id)
+                study.state_reason = f"analysis failed ({job.reason or 'unknown reason'})"[:1000]
+                s.add(Job(study_id=job.study_id, kind="not_analysed"))
+                s.add(AuditEvent(kind="job", outcome="failure-report", ref=f"job {job.id}"))
+        if failed:
+            log.info("failed jobs will be reported as not analysed", extra={"jobs": len(failed)})
+        return len(failed)
 
     def requeue_stale(self) -> int:
         limit = self.settings.queue.task_timeout_s + STALE_GRACE_S
