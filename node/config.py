@@ -125,6 +125,20 @@ class QueueSection(Section):
     max_attempts: int = Field(3, ge=1, le=20, description="Attempts of a job before it is failed")
     retry_backoff_s: float = Field(5.0, ge=0, description="First retry delay; doubles each attempt")
     task_timeout_s: float = Field(900.0, gt=0, description="Hard time limit of one task")
+    steps: list[str] = Field(
+        default_factory=lambda: ["prepare", "deid", "analyze", "report"],
+        description="Pipeline steps run one after the other (modules in workers/steps)",
+    )
+    side_steps: list[str] = Field(
+        default_factory=lambda: ["ner"],
+        description="Steps run beside the chain; the last step waits for them (empty = none)",
+    )
+    queue_prefix: str = Field(
+        "", description="Prefix of the Celery queue names (several nodes on one Redis)"
+    )
+    dispatch_interval_s: float = Field(
+        1.0, gt=0, description="How often the dispatcher hands new jobs to the broker"
+    )
 
 
 class Destination(Section):
@@ -187,6 +201,35 @@ class RoutingSection(Section):
     webhook_secret: SecretStr = Field(SecretStr(""), description="HMAC key for webhook signatures")
     stat_volume_ml: float = Field(30.0, ge=0, description="Hematoma volume that makes a study STAT")
     stat_shift_mm: float = Field(5.0, ge=0, description="Midline shift that makes a study STAT")
+    urgent_on_any_ich: bool = Field(True, description="Any hemorrhage present makes a study at least URGENT")
+    stat_on_ivh: bool = Field(True, description="Intraventricular hemorrhage makes a study STAT")
+    stat_on_anticoagulation: bool = Field(
+        True, description="Hemorrhage in an anticoagulated patient (NER flag) makes a study STAT")
+    not_analysed_priority: Literal["STAT", "URGENT", "ROUTINE"] = Field(
+        "ROUTINE", description="Priority of a study the node could not analyse")
+    notify_levels: list[Literal["STAT", "URGENT", "ROUTINE"]] = Field(
+        default_factory=lambda: ["STAT", "URGENT"],
+        description="Priority levels pushed to the RIS (HL7) and the webhook")
+    notify_attempts: int = Field(3, ge=1, le=20, description="Tries per notification channel")
+    notify_backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each try")
+    notify_timeout_s: float = Field(5.0, gt=0, description="Connect/response timeout per try")
+    hl7_sending_facility: str = Field("ICHNODE", description="MSH-4 of the ORU^R01 messages we send")
+    hl7_receiving_application: str = Field("RIS", description="MSH-5 of the ORU^R01 messages")
+
+
+class Hl7InSection(Section):
+    """HL7 v2 MLLP listener for clinical text (ORU/MDM with OBX/NTE text) feeding the NER step."""
+
+    enabled: bool = Field(False, description="Start the MLLP listener with the node")
+    host: str = Field("127.0.0.1", description="Address the MLLP listener binds to")
+    port: int = Field(2575, ge=1, le=65535, description="TCP port of the MLLP listener")
+    max_message_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest HL7 message accepted; larger ones are rejected (AR)"
+    )
+    read_timeout_s: float = Field(30.0, gt=0, description="Close a connection idle this long (s)")
+    ner_on_arrival: bool = Field(
+        True, description="Re-run NER for a study whose images arrived before the text"
+    )
 
 
 class Settings(BaseSettings):
@@ -205,6 +248,7 @@ class Settings(BaseSettings):
     models: ModelsSection = Field(default_factory=ModelsSection)
     deid: DeidSection = Field(default_factory=DeidSection)
     routing: RoutingSection = Field(default_factory=RoutingSection)
+    hl7_in: Hl7InSection = Field(default_factory=Hl7InSection)
     log_level: str = Field("INFO", description="Log level")
 
     @classmethod

@@ -141,6 +141,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
     work_item: Mapped[str | None] = mapped_column(Text)  # folder with the de-identified work item
     timings: Mapped[dict | None] = mapped_column(JSON)
+    # Small JSON outputs of finished steps (side steps such as ner join the last step here).
+    step_outputs: Mapped[dict | None] = mapped_column(JSON)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
 
@@ -194,6 +196,8 @@ class Pseudonym(Base):
     original: Mapped[str] = mapped_column(String(128))
     pseudonym: Mapped[str] = mapped_column(String(128), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Original Study Instance UID the row belongs to (deid area): list/purge a study's mapping.
+    study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class ClinicalText(Base):

@@ -45,6 +45,12 @@ def config_check(as_json: bool = common.JSON_OPTION) -> None:
     unknown = [n for n in settings.routing.results_to if n not in settings.destinations]
     if unknown:
         fail(f"routing.results_to names unknown destination(s): {', '.join(unknown)}")
+    from node.routing import RulesError, rules_for  # results area: rules checked with the config
+
+    try:
+        rules_for(settings)
+    except RulesError as exc:
+        fail(str(exc))
     if as_json:
         print_json(data)
         return
@@ -52,6 +58,22 @@ def config_check(as_json: bool = common.JSON_OPTION) -> None:
 
     console.print(yaml.safe_dump(data, sort_keys=False), highlight=False, end="")
     console.print("[green]configuration OK[/]")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Work folder (replaced on each run)"),
+    thickness: float = typer.Option(5.0, help="Slice thickness of the phantom studies (mm)"),
+    timeout: float = typer.Option(900.0, help="Seconds to wait for all results"),
+) -> None:
+    """Run the whole pipeline on phantoms: node, worker and a local PACS on this machine."""
+    from node.demo import run_demo
+
+    try:
+        code = run_demo(out, thickness_mm=thickness, timeout_s=timeout)
+    except (RuntimeError, OSError) as exc:
+        fail(f"demo failed: {exc}")
+    raise typer.Exit(code)
 
 
 def _register_all() -> None:
