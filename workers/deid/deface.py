@@ -1,0 +1,507 @@
+"""Defacing of a head CT :class:`~models.volume.Volume`: the MosMed method and ichnode's method.
+
+``mosmed`` reproduces the MosMed ICH dataset algorithm (Kuzmina/Morozov et al.): per axial slice,
+on the lowest 60 % of slices, threshold at 490 HU, fill the convex hull of the bone, cast 9 rays
+from the hull's centroid towards the "front of the image" (the top rows: it assumes the face
+points up), and paint an ellipse of random size filled with random values where each ray leaves
+the hull. It knows nothing of orientation, so a turned head gets its side painted.
+
+``ichnode`` (default) works in 3D and in patient space:
+
+1. the cranial cavity is found from the skull: bone closed and filled in axial, coronal and
+   sagittal planes (a fossa floor cut obliquely is open in one orientation, closed in another),
+   soft content only, largest 3D component after an opening that cuts nerves and muscles
+   linking it to the orbits; the foramen magnum region and the spinal canal are added. The
+   cavity, its voxel shell and margins form the protected set: never written, and checked;
+2. anterior is the cavity's long axis in the axial plane (a skull is longer front to back), its
+   sign from the image (the deepest cavity part, posterior fossa and foramen magnum, lies
+   behind the centre; the face protrudes farther beyond the skull than the occiput), checked
+   against the patient axes of Image Orientation (Patient); weak or disagreeing cues mean both
+   sides are treated as face (privacy first);
+3. everything outside the protected set, below a level just above the orbits and in front of a
+   coronal plane behind the ears, is replaced by air: nose, lips, eyes and orbits, facial bone,
+   ears' soft tissue. Air rather than noise: it leaves nothing to reconstruct (no silhouette, since
+   the whole region including the air around the face is replaced) and no fake structure for the
+   models to react to.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+from models.volume import Volume
+
+Mode = Literal["ichnode", "mosmed"]
+AIR_HU = -1000
+SUPERIOR = np.array([0.0, 0.0, 1.0])  # LPS +z
+ANTERIOR = np.array([0.0, -1.0, 0.0])  # LPS -y
+REFERENCE_AP_MM = 165.0  # adult cranial cavity length; zone offsets scale with the real one
+
+
+class DefaceError(ValueError):
+    """The volume cannot be defaced safely (e.g. no skull found): the work item is not made."""
+
+
+@dataclass
+class DefaceResult:
+    volume: Volume  # the defaced copy (same grid, same dtype)
+    replaced: np.ndarray  # bool (k, j, i): voxels whose value was replaced
+    mode: str
+    seconds: float
+    protected: np.ndarray | None = None  # bool (k, j, i): never-written set (ichnode)
+    info: dict = field(default_factory=dict)  # technical facts: anterior vector, its source...
+
+
+def deface(volume: Volume, mode: Mode = "ichnode", *, seed: int = 0) -> DefaceResult:
+    if mode == "mosmed":
+        return deface_mosmed(volume, seed=seed)
+    if mode == "ichnode":
+        return deface_ichnode(volume)
+    raise ValueError(f"unknown defacing mode {mode!r} (ichnode, mosmed)")
+
+
+# -- geometry -----------------------------------------------------------------------------------
+def _superior_k_increasing(affine: np.ndarray) -> bool:
+    return float(affine[:3, 2] @ SUPERIOR) >= 0
+
+
+def _copy_volume(volume: Volume, hu: np.ndarray) -> Volume:
+    return Volume(hu=hu, affine=volume.affine.copy(),
+                  sop_instance_uids=list(volume.sop_instance_uids), meta=dict(volume.meta))
+
+
+# -- MosMed -------------------------------------------------------------------------------------
+def deface_mosmed(volume: Volume, *, seed: int = 0, fraction: float = 0.6, rays: int = 9,
+                  step_deg: float = 10.0, threshold_hu: float = 490.0,
+                  axes_mm: tuple[float, float] = (10.0, 30.0),
+                  values_hu: tuple[int, int] = (-1000, 1000)) -> DefaceResult:
+    """The MosMed algorithm as published; parameters the paper leaves open are arguments."""
+    from skimage.draw import ellipse
+    from skimage.morphology import convex_hull_image
+
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    hu = volume.hu.copy()
+    replaced = np.zeros(hu.shape, dtype=bool)
+    _, row_mm, col_mm = volume.spacing
+    n = hu.shape[0]
+    order = range(n) if _superior_k_increasing(volume.affine) else range(n - 1, -1, -1)
+    todo = list(order)[: int(round(fraction * n))]  # from the bottom of the head up
+    angles = np.radians((np.arange(rays) - (rays - 1) / 2) * step_deg)
+    for k in todo:
+        bone = hu[k] > threshold_hu
+        if bone.sum() < 3:
+            continue
+        hull = convex_hull_image(bone)
+        rows, cols = np.nonzero(hull)
+        cy, cx = rows.mean(), cols.mean()
+        for angle in angles:
+            # "Front of the image" = decreasing row index; rotate by the ray's angle.
+            dy, dx = -np.cos(angle), np.sin(angle)
+            y, x = _ray_exit(hull, cy, cx, dy, dx)
+            a = rng.uniform(*axes_mm) / row_mm
+            b = rng.uniform(*axes_mm) / col_mm
+            rr, cc = ellipse(y, x, a, b, shape=hull.shape, rotation=rng.uniform(0, np.pi))
+            hu[k, rr, cc] = rng.integers(values_hu[0], values_hu[1], size=rr.size)
+            replaced[k, rr, cc] = True
+    return DefaceResult(_copy_volume(volume, hu), replaced, "mosmed", time.perf_counter() - start,
+                        info={"slices_processed": len(todo)})
+
+
+def _ray_exit(mask: np.ndarray, y: float, x: float, dy: float, dx: float) -> tuple[float, float]:
+    """Last point inside ``mask`` walking from (y, x) along (dy, dx) in half-pixel steps."""
+    h, w = mask.shape
+    last = (y, x)
+    for t in np.arange(0, h + w, 0.5):
+        yy, xx = y + t * dy, x + t * dx
+        iy, ix = int(round(yy)), int(round(xx))
+        if not (0 <= iy < h and 0 <= ix < w) or not mask[iy, ix]:
+            break
+        last = (yy, xx)
+    return last
+
+
+# -- ichnode ------------------------------------------------------------------------------------
+@dataclass
+class IchnodeParams:
+    bone_hu: float = 200.0  # partial-volume bone still counts as wall
+    # What fills a cranial cavity. The upper bound sits near the midpoint between brain and
+    # cortical bone, so partial-volume voxels at the inner table (also across a slice lying
+    # on a fossa floor) count as cavity, as a "brain fraction >= 0.5" mask would.
+    content_hu: tuple[float, float] = (-50.0, 1000.0)  # fat (orbits, scalp) is not content
+    coarse_mm: float = 0.8  # in-plane working resolution for the 3D morphology
+    margin_mm: float = 1.5  # protected shell around the cavity (beyond the coarse-grid slack)
+    close_mm: float = 15.0  # seals sutures, ear canals, fissures before the ring is filled
+    close_small_mm: float = 4.0  # ... and a small one keeps small rings (atlas, vertex)
+    close_mid_mm: float = 8.0  # coronal and sagittal planes
+    open_mm: float = 5.0  # 3D opening radius: cuts nerves/muscles linking orbit and cavity
+    soft_margin_mm: float = 4.0  # soft-tissue-valued voxels this close are protected too
+    top_mm: float = 5.0  # face zone ends this far above the cavity centroid (x scale)
+    back_mm: float = -70.0  # ... and this far behind it (ears reach back ~6 cm) (x scale)
+    min_cavity_ml: float = 150.0  # less: no skull/head in the volume -> refuse
+    min_axis_ratio: float = 1.04  # long/short cavity axis: below, the axis is not trusted
+    min_protrusion_mm: float = 8.0  # face vs back protrusion difference to trust the sign
+    min_deep_offset_mm: float = 8.0  # deep cavity part this far off centre to trust the sign
+    canal_lean_deg: float = 30.0  # spinal-canal protection cone below the cavity
+    tip_mm: float = 25.0  # deepest part of the cavity whose posterior footprint is carried down
+    skull_base_mm: float = -30.0  # slices this far below the centre get the foramen fill
+    skull_base_front_mm: float = 10.0  # ... up to this far in front of the centre
+    canal_drift_mm: float = 15.0  # most the canal may drift sideways below the cavity
+    canal_half_width_mm: float = 25.0  # canal footprint: this close to the midline
+
+
+def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> DefaceResult:
+    p = params or IchnodeParams()
+    start = time.perf_counter()
+    grid = _CoarseGrid(volume, p.coarse_mm)
+    cavity = _cranial_cavity(grid, p)
+    cavity_ml = float(cavity.sum()) * grid.voxel_ml
+    if cavity_ml < p.min_cavity_ml:
+        raise DefaceError(f"no cranial cavity found ({cavity_ml:.0f} mL): not a head CT?")
+    head_c = _largest_component(grid.hu > -300)  # the head, not the table or headrest
+    centre, anterior, both_sides, cues = _face_direction(grid, cavity, head_c, p)
+    cavity = cavity | _skull_base_fill(grid, cavity, centre, p)
+    protected_c = _protected_set(grid, cavity, centre, p)
+    extent = _extent_along(grid, cavity, anterior)
+    scale = float(np.clip(extent / REFERENCE_AP_MM, 0.6, 1.4))
+    top, back = p.top_mm * scale, p.back_mm * scale
+
+    hu = volume.hu.copy()
+    replaced = np.zeros(hu.shape, dtype=bool)
+    protected = np.zeros(hu.shape, dtype=bool)
+    for k in range(hu.shape[0]):
+        prot = grid.upsample_slice(protected_c[k])
+        xyz = _slice_coordinates(volume.affine, k, hu.shape[1:]) - centre
+        v = xyz @ SUPERIOR
+        zone = v < top
+        if not both_sides:
+            zone &= (xyz @ anterior) > back
+        zone &= ~prot
+        hu[k][zone] = AIR_HU
+        replaced[k] = zone
+        protected[k] = prot
+    changed_protected = int(np.count_nonzero(hu[protected] != volume.hu[protected]))
+    if changed_protected:  # cannot happen by construction; the check is the proof
+        raise AssertionError(f"{changed_protected} protected voxels changed")
+    info = {"anterior_lps": [round(float(c), 4) for c in anterior], "both_sides": both_sides,
+            "cavity_ml": round(cavity_ml, 1), "scale": round(scale, 3), **cues}
+    return DefaceResult(_copy_volume(volume, hu), replaced, "ichnode", time.perf_counter() - start,
+                        protected=protected, info=info)
+
+
+def _protected_set(grid: "_CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
+                   p: IchnodeParams) -> np.ndarray:
+    """The never-written set on the coarse grid: cavity, its shell and margins, spinal canal."""
+    # The margin includes the coarse-grid slack, so that upsampling the coarse mask can never
+    # leave a full-resolution cavity voxel unprotected.
+    reach = p.margin_mm + grid.slack_mm
+    # Through-plane, one whole slice counts as within the margin: a slice lying on a fossa
+    # floor mixes brain and bone over its full thickness (partial volume across slices).
+    sampling = grid.coarse_spacing.copy()
+    sampling[0] = min(sampling[0], reach)
+    # The voxel shell touching the cavity (26-neighbours) is always protected: where the wall
+    # is cut obliquely those voxels are mostly bone by value but still partly brain.
+    shell = ndimage.binary_dilation(cavity, structure=np.ones((3, 3, 3), dtype=bool))
+    protected = ndimage.distance_transform_edt(~shell, sampling=sampling) <= reach
+    # Brain in tight corners of the wall (frontal pole on the orbital roof) can be missed by
+    # the cavity; it still has brain-like values. Protect such voxels farther out than bone.
+    lo, hi = p.content_hu
+    soft = (grid.hu > lo) & (grid.hu < hi)
+    near = ndimage.distance_transform_edt(~cavity, sampling=grid.coarse_spacing)
+    protected |= soft & (near <= p.soft_margin_mm + grid.slack_mm)
+    _protect_canal(protected, cavity, grid, centre, p)
+    return protected
+
+
+class _CoarseGrid:
+    """The volume block-reduced in plane to ~``coarse_mm`` (slices kept) for fast morphology."""
+
+    def __init__(self, volume: Volume, coarse_mm: float) -> None:
+        from skimage.measure import block_reduce
+
+        dk, dj, di = volume.spacing
+        self.fj = max(1, int(round(coarse_mm / dj)))
+        self.fi = max(1, int(round(coarse_mm / di)))
+        self.shape = volume.hu.shape
+        hu = volume.hu.astype(np.float32, copy=False)
+        self.hu = block_reduce(hu, (1, self.fj, self.fi), np.mean, cval=AIR_HU)
+        # Bone by block maximum: a thin wall inside a block still closes the ring.
+        self.hu_max = block_reduce(hu, (1, self.fj, self.fi), np.max, cval=AIR_HU)
+        self.coarse_spacing = np.array([dk, dj * self.fj, di * self.fi])
+        self.voxel_ml = float(np.prod(self.coarse_spacing)) / 1000.0
+        # Farthest a full-resolution voxel centre lies from its coarse voxel's centre.
+        self.slack_mm = 0.5 * float(np.hypot((self.fj - 1) * dj, (self.fi - 1) * di))
+        affine = volume.affine.copy()
+        # Coarse voxel centre (i', j') sits at fine index (i' * f + (f - 1) / 2).
+        scale = np.diag([self.fi, self.fj, 1.0, 1.0])
+        shift = np.eye(4)
+        shift[:3, 3] = [(self.fi - 1) / 2, (self.fj - 1) / 2, 0]
+        self.affine = affine @ shift @ scale
+
+    def upsample_slice(self, mask2d: np.ndarray) -> np.ndarray:
+        up = np.repeat(np.repeat(mask2d, self.fj, axis=0), self.fi, axis=1)
+        return up[: self.shape[1], : self.shape[2]]
+
+    def coordinates(self, mask: np.ndarray) -> np.ndarray:
+        """LPS mm of the coarse voxels in ``mask`` (n, 3)."""
+        k, j, i = np.nonzero(mask)
+        ijk1 = np.stack([i, j, k, np.ones_like(i)]).astype(np.float64)
+        return (self.affine @ ijk1)[:3].T
+
+
+def _slice_coordinates(affine: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:
+    j, i = np.indices(shape, dtype=np.float64)
+    base = affine[:3, 3] + k * affine[:3, 2]
+    return base + i[..., None] * affine[:3, 0] + j[..., None] * affine[:3, 1]
+
+
+def _close(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Morphological closing with a disk of ``radius_mm`` via distance transforms (fast for
+    large radii). The border is padded so that walls touching the image edge stay walls."""
+    if not mask.any():
+        return mask
+    pad = int(np.ceil(radius_mm / float(min(spacing)))) + 1
+    m = np.pad(mask, pad)
+    grown = ndimage.distance_transform_edt(~m, sampling=spacing) <= radius_mm
+    closed = ~(ndimage.distance_transform_edt(grown, sampling=spacing) <= radius_mm) | m
+    return closed[pad:-pad, pad:-pad]
+
+
+def _cranial_cavity(grid: _CoarseGrid, p: IchnodeParams) -> np.ndarray:
+    """Soft tissue enclosed by the skull, as one 3D component (coarse grid)."""
+    bone = grid.hu_max > p.bone_hu
+    lo, hi = p.content_hu
+    content = (grid.hu > lo) & (grid.hu < hi)
+    # A slice only shows a closed ring where the cavity wall crosses it steeply: fossa floors
+    # cut obliquely (posterior fossa, middle fossa) are open in axial slices but closed in
+    # coronal or sagittal ones. "Enclosed in any of the three orientations" covers all walls.
+    inside = np.zeros(bone.shape, dtype=bool)
+    spacing = grid.coarse_spacing
+    # A large closing seals wide gaps (fissures, ear canals) but also fills small cavities
+    # whole (the spinal canal in the atlas ring, the vertex): axial slices use both radii.
+    radii = {0: (p.close_small_mm, p.close_mm), 1: (p.close_mid_mm,), 2: (p.close_mid_mm,)}
+    for axis in range(3):
+        plane_spacing = np.delete(spacing, axis)
+        for idx in range(bone.shape[axis]):
+            where = [slice(None)] * 3
+            where[axis] = idx
+            plane = bone[tuple(where)]
+            if not plane.any():
+                continue
+            for radius in radii[axis]:
+                wall = _close(plane, radius, plane_spacing)
+                lid = wall & ~plane  # soft tissue in a sealed gap: never cavity (no leak)
+                inside[tuple(where)] |= ndimage.binary_fill_holes(wall) & ~lid
+    inside &= content
+    # A 3D opening cuts thin bridges out of the cavity: optic nerves and eye muscles running
+    # through the orbit apex, partial-volume leaks through thin bone. The largest remaining
+    # part is the cavity; it regrows by the same radius within ``inside``.
+    spacing = grid.coarse_spacing
+    core = ndimage.distance_transform_edt(inside, sampling=spacing) > p.open_mm
+    if not core.any():
+        return core
+    core = _largest_component(core)
+    cavity = (ndimage.distance_transform_edt(~core, sampling=spacing) <= p.open_mm + 0.01) & inside
+    # Close internal holes (calcifications, bone-dense blood) slice by slice and in 3D.
+    cavity = np.stack([ndimage.binary_fill_holes(s) for s in cavity])
+    return ndimage.binary_fill_holes(cavity)
+
+
+def _protect_canal(protected: np.ndarray, cavity: np.ndarray, grid: _CoarseGrid,
+                   centre: np.ndarray, p: IchnodeParams) -> None:
+    """Protect the spinal canal below the posterior fossa (in place).
+
+    Below the foramen magnum the canal often has no closed bony ring in any slice, so it is not
+    found as cavity, and with the chin up it hangs below the cavity's lowest slice. Every voxel
+    under the footprint of the deep, posterior part of the cavity (posterior fossa, foramen
+    magnum; straight below along patient z because slices step along z) is protected, in a cone
+    that widens downwards (the canal leans with head flexion). The face is in front of it.
+    """
+    if not cavity.any():
+        return
+    z = _z_of_voxels(grid)
+    z_tip = float(z[cavity].min()) + p.tip_mm
+    tip = cavity & (z < z_tip)
+    post_dir = _posterior_dir(grid, cavity, centre)
+    if post_dir is not None:
+        k, j, i = np.nonzero(tip)
+        xyz = (grid.affine @ np.vstack([i, j, k, np.ones_like(i)]))[:3].T
+        rel = xyz - centre
+        # Behind the centre and near the midline: the canal, not the whole posterior fossa
+        # floor (whose footprint would reach the ears).
+        keep = (rel @ post_dir > -p.skull_base_front_mm) & (
+            np.abs(rel @ np.cross(SUPERIOR, post_dir)) <= p.canal_half_width_mm)
+        tip = np.zeros_like(tip)
+        tip[k[keep], j[keep], i[keep]] = True
+    footprint = tip.any(axis=0)
+    if not footprint.any():
+        return
+    dist = ndimage.distance_transform_edt(~footprint, sampling=grid.coarse_spacing[1:])
+    reach = p.margin_mm + grid.slack_mm
+    lean = np.minimum(np.tan(np.radians(p.canal_lean_deg)) * np.maximum(z_tip - z, 0),
+                      p.canal_drift_mm)
+    protected |= (z < z_tip) & (dist[None] <= reach + lean)
+
+
+def _posterior_dir(grid: _CoarseGrid, cavity: np.ndarray,
+                   centre: np.ndarray) -> np.ndarray | None:
+    """Unit vector (axial plane) from the cavity centre towards its deepest part, if any."""
+    pts = grid.coordinates(cavity) - centre
+    v = pts @ SUPERIOR
+    if v.size == 0 or v.min() > -40.0:
+        return None
+    post = np.median(pts[v < v.min() + 25.0][:, :2], axis=0)
+    norm = float(np.linalg.norm(post))
+    if norm < 1e-6:
+        return None
+    return np.array([post[0] / norm, post[1] / norm, 0.0])
+
+
+def _z_of_voxels(grid: _CoarseGrid) -> np.ndarray:
+    """LPS z (mm) of every coarse voxel."""
+    k, j, i = np.indices(grid.hu.shape, dtype=np.float32)
+    a = grid.affine
+    return (a[2, 0] * i + a[2, 1] * j + a[2, 2] * k + a[2, 3]).astype(np.float32)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def _main_body(cavity: np.ndarray) -> np.ndarray:
+    """The cavity without thin tails (spinal canal): slices with >= 25 % of the largest area."""
+    areas = cavity.sum(axis=(1, 2))
+    keep = areas >= 0.25 * areas.max()
+    return cavity & keep[:, None, None]
+
+
+def _face_direction(grid: _CoarseGrid, cavity: np.ndarray, head: np.ndarray,
+                    p: IchnodeParams) -> tuple[np.ndarray, np.ndarray, bool, dict]:
+    """Centre of the cavity, anterior unit vector (axial plane), and whether to treat both sides.
+
+    The axis is the cavity's long axis in the axial plane. Its sign comes from two image cues:
+    the deepest part of the cavity (posterior fossa, foramen magnum) lies behind the centre, and
+    the face protrudes farther beyond the skull than the occiput (weak when the field of view
+    cuts the nose). IOP gives the patient's anterior; a head turned by less than 90 degrees keeps
+    the face on that side. Agreeing cues decide; doubt means both sides are defaced.
+    """
+    body = _main_body(cavity)
+    pts = grid.coordinates(body)
+    centre = pts.mean(axis=0)
+    xy = pts[:, :2] - centre[:2]
+    evals, evecs = np.linalg.eigh(np.cov(xy.T))
+    axis = np.array([evecs[0, 1], evecs[1, 1], 0.0])  # largest eigenvalue last
+    ratio = float(np.sqrt(evals[1] / max(evals[0], 1e-9)))
+    cues: dict = {"axis_ratio": round(ratio, 3)}
+    if ratio < p.min_axis_ratio:
+        # Round skull in the axial plane: the axis means nothing; keep IOP's anterior and
+        # treat both sides as face.
+        cues["anterior_source"] = "iop (round cavity): both sides"
+        return centre, ANTERIOR.copy(), True, cues
+    axis = axis * (1.0 if axis @ ANTERIOR >= 0 else -1.0)  # IOP's side first
+    votes = []
+    deep = _deep_offset(grid, cavity, centre, axis)
+    cues["deep_part_mm"] = round(deep, 1)
+    if abs(deep) >= p.min_deep_offset_mm:
+        votes.append(-np.sign(deep))  # the deep part is posterior
+    protrusion = _protrusion(grid, body, head, centre, axis)
+    cues["protrusion_mm"] = round(protrusion, 1)
+    if abs(protrusion) >= p.min_protrusion_mm:
+        votes.append(np.sign(protrusion))
+    if not votes or len(set(votes)) > 1:
+        cues["anterior_source"] = "image cues weak or disagree: both sides"
+        return centre, axis, True, cues
+    if votes[0] < 0:
+        # The image puts the face on the side IOP calls posterior (head turned > 90 degrees or
+        # a wrong orientation header): deface both sides rather than trust either alone.
+        cues["anterior_source"] = "image contradicts iop: both sides"
+        return centre, -axis, True, cues
+    cues["anterior_source"] = "image axis; image cues and iop agree"
+    return centre, axis, False, cues
+
+
+def _skull_base_fill(grid: _CoarseGrid, cavity: np.ndarray, centre: np.ndarray,
+                     p: IchnodeParams) -> np.ndarray:
+    """Content inside the per-slice convex hull of the cavity, low and behind the centre.
+
+    Around the foramen magnum the wall has a hole in every orientation (the canal leaves
+    through it), so the medulla and cisterna magna are not "enclosed". They lie between the
+    cerebellar halves and the canal: inside the hull of the cavity in their slice. Restricted
+    to the deep, posterior part so that the orbits (anterior) are never added.
+    """
+    from skimage.morphology import convex_hull_image
+
+    post_dir = _posterior_dir(grid, cavity, centre)
+    if post_dir is None:
+        return np.zeros_like(cavity)
+    lo, hi = p.content_hu
+    z = _z_of_voxels(grid)
+    add = np.zeros_like(cavity)
+    for k in range(cavity.shape[0]):
+        if cavity[k].sum() < 3:
+            continue
+        zk = z[k] - centre[2]
+        if zk.mean() > p.skull_base_mm:
+            continue
+        hull = convex_hull_image(cavity[k])
+        j, i = np.nonzero(hull)
+        xyz = (grid.affine @ np.vstack([i, j, np.full_like(i, k), np.ones_like(i)]))[:3].T
+        behind = (xyz - centre) @ post_dir > -p.skull_base_front_mm
+        content = (grid.hu[k, j, i] > lo) & (grid.hu[k, j, i] < hi)
+        add[k, j[behind & content], i[behind & content]] = True
+    return add
+
+
+def _deep_offset(grid: _CoarseGrid, cavity: np.ndarray, centre: np.ndarray,
+                 axis: np.ndarray) -> float:
+    """Position along ``axis`` of the cavity's lowest 25 mm relative to the centre (mm)."""
+    pts = grid.coordinates(cavity) - centre
+    v = pts @ SUPERIOR
+    deep = v < v.min() + 25.0
+    if deep.sum() < 5 or v.min() > -40.0:  # the scan does not reach the skull base
+        return 0.0
+    return float(np.median(pts[deep] @ axis))
+
+
+def _protrusion(grid: _CoarseGrid, body: np.ndarray, head: np.ndarray, centre: np.ndarray,
+                axis: np.ndarray) -> float:
+    """How much farther soft tissue reaches beyond the cavity on the +axis than the -axis side.
+
+    Measured in the band below the cavity centre (eyes, nose, upper jaw vs. occiput).
+    """
+    head_pts = grid.coordinates(head) - centre
+    cav_pts = grid.coordinates(body) - centre
+    band = (head_pts @ SUPERIOR < -10.0) & (head_pts @ SUPERIOR > -60.0)
+    if band.sum() < 10:
+        return 0.0
+    u_head = head_pts[band] @ axis
+    u_cav = cav_pts @ axis
+    front = np.percentile(u_head, 99.5) - np.percentile(u_cav, 99.5)
+    back = -np.percentile(u_head, 0.5) + np.percentile(u_cav, 0.5)
+    return float(front - back)
+
+
+def _extent_along(grid: _CoarseGrid, cavity: np.ndarray, axis: np.ndarray) -> float:
+    u = (grid.coordinates(_main_body(cavity)) @ axis)
+    return float(np.percentile(u, 99) - np.percentile(u, 1))
+
+
+def head_frame(volume: Volume,
+               params: IchnodeParams | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(cranial-cavity centre in LPS mm, anterior unit vector) as the ichnode mode finds them."""
+    p = params or IchnodeParams()
+    grid = _CoarseGrid(volume, p.coarse_mm)
+    cavity = _cranial_cavity(grid, p)
+    if float(cavity.sum()) * grid.voxel_ml < p.min_cavity_ml:
+        raise DefaceError("no cranial cavity found")
+    centre, anterior, _both, _cues = _face_direction(grid, cavity, grid.hu > -300, p)
+    return centre, anterior
