@@ -7,7 +7,7 @@ Environment overrides use ``ICHNODE_`` and ``__`` between levels, e.g.
 ``ICHNODE_DICOM__PORT=11113`` or ``ICHNODE_QUEUE__BROKER_URL=redis://127.0.0.1:6379/0``.
 Each section class below belongs to one part of the system; keep a section's fields next to
 the code that reads them in spirit, and document every field (the README's configuration
-reference is generated from these descriptions by ``ichnode config check --reference``).
+reference is generated from these descriptions by ``ichnode config reference``).
 """
 
 from __future__ import annotations
@@ -335,3 +335,24 @@ def mask_url(url: str) -> str:
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:****@{host}" if ":" in creds else url
+
+
+def reference_markdown() -> str:
+    """The configuration reference (README): one table per section, from the field descriptions."""
+    lines: list[str] = []
+    for name, field in Settings.model_fields.items():
+        model = field.annotation
+        if name == "destinations":
+            model, name = Destination, "destinations.<name>"
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            lines += [f"- `{name}` (default `{field.default}`): {field.description or ''}", ""]
+            continue
+        lines += [f"### `{name}`", "", (model.__doc__ or "").strip(), "",
+                  "| key | default | meaning |", "|---|---|---|"]
+        for key, sub in model.model_fields.items():
+            default = "(required)" if sub.is_required() else sub.get_default(call_default_factory=True)
+            if isinstance(default, SecretStr):
+                default = ""
+            lines.append(f"| `{key}` | `{default}` | {sub.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -60,6 +60,14 @@ def config_check(as_json: bool = common.JSON_OPTION) -> None:
     console.print("[green]configuration OK[/]")
 
 
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print the configuration reference (Markdown) from the settings' own descriptions."""
+    from node.config import reference_markdown
+
+    print(reference_markdown())
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="Work folder (replaced on each run)"),

@@ -49,7 +49,7 @@ def summary_image(lines: list[str], shape: tuple[int, int], colour_keys: list[tu
     except TypeError:
         font = ImageFont.load_default()
     y = size
-    for line in lines:
+    for line in _wrap(lines, draw, font, cols - 2 * size):
         draw.text((size, y), line, fill=(255, 255, 255), font=font)
         y += int(size * 1.4)
     y += size // 2
@@ -58,6 +58,22 @@ def summary_image(lines: list[str], shape: tuple[int, int], colour_keys: list[tu
         draw.text((size * 3, y), label, fill=(255, 255, 255), font=font)
         y += int(size * 1.4)
     return np.asarray(img)
+
+
+def _wrap(lines: list[str], draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:  # noqa: ANN001
+    """Break long lines (e.g. a failure reason) at spaces so they fit the image width."""
+    out: list[str] = []
+    for line in lines:
+        words, current = line.split(" "), ""
+        for word in words:
+            trial = f"{current} {word}".strip()
+            if current and draw.textlength(trial, font=font) > width:
+                out.append(current)
+                current = word
+            else:
+                current = trial
+        out.append(current)
+    return out
 
 
 def overlay_slices(segments: list[Segment], n_slices: int) -> list[int]:
