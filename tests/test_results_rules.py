@@ -161,3 +161,14 @@ def test_routes_check_cli(tmp_path):
     assert res.exit_code == 1
     assert "rules[0].actions[0].to: unknown destination(s) nowhere" in res.output
     assert "Traceback" not in res.output
+
+
+def test_negated_ner_entities_never_read_as_findings():
+    from workers.report.entities import entity_list, flags
+
+    entities = {"entities": [{"type": "DRUG", "text": "warfarin", "negated": True},
+                             {"type": "HTN", "text": "hypertension", "uncertain": True}],
+                "flags": {"anticoagulated": False, "hypertension": False}}
+    assert entity_list(entities) == [("DRUG", "warfarin (negated)"),
+                                     ("HTN", "hypertension (uncertain)")]
+    assert flags(entities) == {"anticoagulated": False, "hypertension": False}

@@ -35,7 +35,11 @@ def entity_list(entities) -> list[tuple[str, str]]:
         return out
     for e in items:
         if isinstance(e, dict):
-            out.append((str(e.get("label") or e.get("type") or "?"), str(e.get("text") or e.get("value") or "")))
+            text = str(e.get("text") or e.get("value") or "")
+            # A negated ("denies warfarin") or uncertain mention must never read as a finding.
+            text += " (negated)" if e.get("negated") else ""
+            text += " (uncertain)" if e.get("uncertain") else ""
+            out.append((str(e.get("label") or e.get("type") or "?"), text))
     return out
 
 
