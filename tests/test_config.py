@@ -76,3 +76,17 @@ def test_config_check_rejects_unknown_results_destination(tmp_path):
 def test_mask_url():
     assert mask_url("postgresql://ich:pw@db/ich") == "postgresql://ich:****@db/ich"
     assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_readme_configuration_reference_is_current():
+    """README's configuration reference is what `ichnode config reference` prints today."""
+    from pathlib import Path
+
+    from node.config import reference_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- CONFIG-REFERENCE:START -->\n", "\n<!-- CONFIG-REFERENCE:END -->"
+    assert start in readme and end in readme
+    documented = readme.split(start, 1)[1].split(end, 1)[0]
+    assert documented.strip() == reference_markdown().strip(), (
+        "README config reference is stale: paste the output of `ichnode config reference`")
