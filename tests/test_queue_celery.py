@@ -28,23 +28,24 @@ from node.dispatcher import Dispatcher
 from node.index import Instance, JobState, Series, Study, open_index
 
 SLICES = 20
+LONG_SLICES = 160
 
 
-def _new_job(settings, index, tmp_path) -> tuple[int, dict]:
-    uid, specs, paths = head_study(tmp_path / f"in-{uuid.uuid4().hex[:6]}", slices=SLICES)
+def _new_job(settings, index, tmp_path, slices: int = SLICES) -> tuple[int, dict]:
+    uid, specs, paths = head_study(tmp_path / f"in-{uuid.uuid4().hex[:6]}", slices=slices)
     index_files(index, settings, paths, received_ago_s=3600)
     jobs = Assembler(settings, index).complete_due()
     assert len(jobs) == 1
     return jobs[0], specs
 
 
-def _check_prepared(settings, index, job_id: int, specs) -> None:
+def _check_prepared(settings, index, job_id: int, specs, slices: int = SLICES) -> None:
     job = job_row(index, job_id)
     assert job.state == JobState.DONE, job.reason
     assert job.step == "prepare" and job.timings["prepare"] > 0 and job.timings["total"] > 0
     job_dir = settings.storage.root / "jobs" / str(job_id)
     volume = Volume.load(job_dir / "volume.npz")
-    assert volume.hu.shape == (SLICES, 512, 512)
+    assert volume.hu.shape == (slices, 512, 512)
     assert volume.spacing == pytest.approx((5.0, 0.48828125, 0.48828125))
     info = json.loads((job_dir / "series.json").read_text())
     assert info["series_uid"] == specs["soft"].series_uid  # soft tissue, not bone/localizer
@@ -52,7 +53,7 @@ def _check_prepared(settings, index, job_id: int, specs) -> None:
         z = {uid: meta["ImagePositionPatient"][2] for uid, meta in s.execute(
             select(Instance.sop_instance_uid, Instance.meta)).all()}
     zs = [z[sl["sop_instance_uid"]] for sl in info["slices"]]
-    assert zs == sorted(zs) and len(zs) == SLICES  # sorted by position, not InstanceNumber
+    assert zs == sorted(zs) and len(zs) == slices  # sorted by position, not InstanceNumber
     assert volume.hu[:, 256, 256].max() >= 35  # brain, not air: pixels really loaded
 
 
@@ -407,21 +408,22 @@ def test_broker_lost_at_chain_hand_over_job_goes_back_to_outbox(tmp_path):
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
     try:
         worker.wait_ready()
-        job_id, specs = _new_job(settings, index, tmp_path)
-        fifo, saved = _block_one_file(settings, index, job_id)
+        # A long series keeps step 1 busy for seconds (reading 160 slices, writing the volume),
+        # so the broker dies while it runs. (A FIFO cannot hold this step: pydicom must seek.)
+        job_id, specs = _new_job(settings, index, tmp_path, slices=LONG_SLICES)
         dispatcher = Dispatcher(settings, index)
         dispatcher.dispatch_pending()
-        wait_for(lambda: job_row(index, job_id).state == JobState.RUNNING, 60, what="running")
+        wait_for(lambda: job_row(index, job_id).state == JobState.RUNNING, 60, interval=0.02,
+                 what="running")
         server.kill()
         server.wait(10)
-        _unblock(fifo, saved)
         wait_for(lambda: job_row(index, job_id).state == JobState.RECEIVED, 60,
                  what="back in the outbox")
         assert "hand-over failed" in job_row(index, job_id).reason
         server = redis_up()
         wait_for(lambda: dispatcher.dispatch_pending() == 1, 30, what="dispatched again")
         wait_for(lambda: job_row(index, job_id).state == JobState.DONE, 90, what="job done")
-        _check_prepared(settings, index, job_id, specs)
+        _check_prepared(settings, index, job_id, specs, slices=LONG_SLICES)
     finally:
         worker.stop()
         server.kill()
