@@ -1,0 +1,166 @@
+"""analyze_volume, bundles (checksums), the gpu step and the CLI on tiny bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ai_helpers import labelled_head
+from models.ich.bundle import BundleError, BundleSpec, load_bundle, save_bundle, sha256_file
+from models.ich.inference import analyze_volume
+from models.ich.networks import build_network
+from models.results import LABELS, AnalysisResult
+
+FRAME = {"spacing_mm": 4.0, "size": 64}
+TRIAGE_NET = {"widths": [8, 16, 16, 24, 32], "features": 16, "hidden": 8}
+SEGMENT_NET = {"channels": [8, 16, 32], "strides": [2, 2]}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> SimpleNamespace:
+    """Untrained but complete bundles: enough to test plumbing, geometry and checksums."""
+    root = tmp_path_factory.mktemp("bundles")
+    torch.manual_seed(0)
+    thresholds = {label: 0.5 for label in LABELS}
+    save_bundle(root / "triage", BundleSpec("triage", "t", "1", TRIAGE_NET, FRAME,
+                                            extra={"thresholds": thresholds}),
+                build_network("triage", TRIAGE_NET))
+    save_bundle(root / "segment", BundleSpec("segment", "s", "1", SEGMENT_NET, FRAME),
+                build_network("segment", SEGMENT_NET))
+    return SimpleNamespace(models=SimpleNamespace(triage=root / "triage", segment=root / "segment",
+                                                  device="cpu"))
+
+
+def test_analyze_volume_returns_result_and_masks_on_the_original_grid(bundles):
+    volume, _, _ = labelled_head(4, bleed=True)
+    result, masks = analyze_volume(volume, bundles)
+    assert set(result.findings) == set(LABELS)
+    assert all(len(f.slice_probabilities) == volume.hu.shape[0] for f in result.findings.values())
+    for name in ("hematoma", "ventricle_left", "ventricle_right"):
+        assert masks[name].shape == volume.hu.shape and masks[name].dtype == bool
+    assert masks["hematoma_subtype"].dtype == np.uint8
+    assert (masks["hematoma_subtype"] > 0).sum() == masks["hematoma"].sum()
+    sha = json.loads((bundles.models.triage / "metadata.json").read_text())["sha256"]
+    assert result.models[0].sha256 == sha == sha256_file(bundles.models.triage / "model.pt")
+    assert result.hematoma_volume_ml == pytest.approx(masks["hematoma"].sum() * volume.voxel_volume_ml,
+                                                      abs=1e-3)
+    assert result.seconds["total"] > 0
+
+
+def test_slice_probabilities_follow_original_slice_order(bundles):
+    volume, _, _ = labelled_head(2, bleed=True)
+    flipped = type(volume)(hu=volume.hu[::-1].copy(), affine=volume.affine.copy())
+    flipped.affine[:3, 3] = volume.affine[:3, 3] + (volume.hu.shape[0] - 1) * volume.affine[:3, 2]
+    flipped.affine[:3, 2] *= -1
+    a, masks_a = analyze_volume(volume, bundles)
+    b, masks_b = analyze_volume(flipped, bundles)
+    pa = a.findings["any"].slice_probabilities
+    pb = b.findings["any"].slice_probabilities
+    np.testing.assert_allclose(pa, pb[::-1], atol=1e-3)
+    np.testing.assert_array_equal(masks_a["ventricle_left"], masks_b["ventricle_left"][::-1])
+
+
+def test_checksum_mismatch_is_a_clear_error(bundles, tmp_path):
+    import shutil
+
+    copy = tmp_path / "triage"
+    shutil.copytree(bundles.models.triage, copy)
+    with open(copy / "model.pt", "ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        load_bundle(copy, "triage")
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nope", "triage")
+    with pytest.raises(BundleError, match="not triage"):
+        load_bundle(bundles.models.segment, "triage")
+
+
+def test_torchscript_bundle_loads(bundles, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ts"
+    shutil.copytree(bundles.models.segment, folder)
+    net = load_bundle(bundles.models.segment, "segment").network
+    torch.jit.trace(net, torch.zeros(1, 9, 64, 64)).save(str(folder / "model.ts"))
+    (folder / "model.pt").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    config["weights"] = "model.ts"
+    (folder / "config.json").write_text(json.dumps(config))
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["sha256"] = sha256_file(folder / "model.ts")
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    loaded = load_bundle(folder, "segment")
+    x = torch.rand(2, 9, 64, 64)
+    torch.testing.assert_close(loaded.network(x), net(x), atol=1e-4, rtol=1e-4)
+
+
+def _ctx(bundles, tmp_path):
+    from node.config import Settings
+    from workers.context import StepContext
+
+    settings = Settings(storage={"root": str(tmp_path / "var")},
+                        models={"triage": str(bundles.models.triage),
+                                "segment": str(bundles.models.segment), "device": "cpu"})
+    return StepContext(settings=settings, index=None, job_id=7)
+
+
+def test_gpu_step_writes_results_and_masks(bundles, tmp_path):
+    from workers.steps import analyze
+
+    ctx = _ctx(bundles, tmp_path)
+    item = ctx.work_item_dir("pseudo123")
+    volume, _, _ = labelled_head(6, bleed=True)
+    volume.save(item / "volume.npz")
+    out = analyze.run(ctx, {"work_item": str(item)})
+    assert out == {"work_item": str(item), "result": "results.json"}
+    result = AnalysisResult.model_validate_json((item / "results.json").read_text())
+    assert result.status == "ok" and result.masks_file == "masks.npz"
+    with np.load(item / "masks.npz") as masks:
+        assert masks["hematoma"].shape == volume.hu.shape
+        assert set(masks.files) == {"hematoma", "ventricle_left", "ventricle_right",
+                                    "hematoma_subtype"}
+    assert not list(item.glob("*.tmp*"))
+
+
+def test_gpu_step_fails_permanently_on_bad_input(bundles, tmp_path):
+    from workers.context import StepError
+    from workers.steps import analyze
+
+    ctx = _ctx(bundles, tmp_path)
+    item = ctx.work_item_dir("empty")
+    with pytest.raises(StepError, match="no volume.npz"):
+        analyze.run(ctx, {"work_item": str(item)})
+    volume, _, _ = labelled_head(6, bleed=False)
+    volume.affine = volume.affine[:, [2, 1, 0, 3]]  # slices now run left-right: sagittal
+    volume.save(item / "volume.npz")
+    with pytest.raises(StepError, match="not an axial"):
+        analyze.run(ctx, {"work_item": str(item)})
+
+
+def test_cli_models_and_analyze(bundles, tmp_path, monkeypatch):
+    from ai_helpers import write_ct_series
+    from node.cli.main import app
+
+    monkeypatch.setenv("ICHNODE_MODELS__TRIAGE", str(bundles.models.triage))
+    monkeypatch.setenv("ICHNODE_MODELS__SEGMENT", str(bundles.models.segment))
+    runner = CliRunner()
+    res = runner.invoke(app, ["models", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["verified"] for r in rows] == [True, True]
+    volume, _, _ = labelled_head(8, bleed=True)
+    write_ct_series(tmp_path / "dcm", volume.hu, volume.affine, shuffle=True)
+    res = runner.invoke(app, ["analyze", str(tmp_path / "dcm"), "--json",
+                              "--masks", str(tmp_path / "m.npz")])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(res.stdout)["findings"]) == set(LABELS)
+    assert (tmp_path / "m.npz").exists()
+    monkeypatch.setenv("ICHNODE_MODELS__TRIAGE", str(tmp_path / "missing"))
+    res = runner.invoke(app, ["analyze", str(tmp_path / "dcm")])
+    assert res.exit_code == 1 and "does not exist" in res.output and "Traceback" not in res.output

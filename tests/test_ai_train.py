@@ -1,0 +1,111 @@
+"""Training: calibration helpers, tiny training runs that write verified bundles, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ai_helpers import labelled_cases, labelled_head
+from models.ich.bundle import load_bundle
+from models.ich.train import (TEST_BASE, TrainConfig, fit_temperature, operating_threshold,
+                              phantom_seeds, split_of, train)
+from models.results import LABELS
+
+TRIAGE_NET = {"widths": [8, 16, 16, 24, 32], "features": 16, "hidden": 8}
+SEGMENT_NET = {"channels": [8, 16, 32], "strides": [2, 2]}
+
+
+def test_operating_threshold_reaches_the_stated_sensitivity():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(40), np.zeros(60)]
+    probs = np.clip(np.r_[rng.normal(0.7, 0.15, 40), rng.normal(0.3, 0.15, 60)], 0, 1)
+    t = operating_threshold(probs, labels, 0.95)
+    assert (probs[labels == 1] >= t).mean() >= 0.95
+    assert t > probs[labels == 1].min()  # not trivially the lowest positive
+    assert operating_threshold(probs, np.zeros(100), 0.95) == 0.5
+
+
+def test_temperature_softens_overconfident_logits():
+    rng = np.random.default_rng(1)
+    labels = (rng.random(400) < 0.5).astype(float)
+    honest = np.where(labels > 0, 1.0, -1.0) + rng.normal(0, 1.5, 400)
+    assert fit_temperature(honest * 4, labels) > 2.0  # 4x too confident -> T near 4
+    assert 0.5 < fit_temperature(honest, labels) < 2.0
+
+
+def test_seed_ranges_and_hash_split_are_disjoint():
+    train, val, test = phantom_seeds("train", 1000), phantom_seeds("val", 1000), phantom_seeds("test", 10)
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    assert test[0] == TEST_BASE
+    splits = [split_of(f"case-{i}") for i in range(2000)]
+    assert 0.1 < splits.count("test") / 2000 < 0.2 and split_of("case-1") == split_of("case-1")
+
+
+@pytest.fixture(scope="module")
+def tiny_cases():
+    return labelled_cases(8, 0), labelled_cases(6, 100)
+
+
+def _segment_cfg(out, seed=3):
+    return TrainConfig(kind="segment", out=out, epochs=1, spacing_mm=4.0, size=64,
+                       network=SEGMENT_NET, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_segment(tmp_path_factory, tiny_cases):
+    return train(_segment_cfg(tmp_path_factory.mktemp("seg") / "a"), cases=tiny_cases)
+
+
+def test_tiny_segment_training_is_deterministic(tmp_path, tiny_cases, tiny_segment):
+    again = train(_segment_cfg(tmp_path / "b"), cases=tiny_cases)
+    assert load_bundle(again, "segment").sha256 == load_bundle(tiny_segment, "segment").sha256
+    meta = json.loads((tiny_segment / "metadata.json").read_text())
+    assert "dice_hematoma" in meta["validation"]
+    assert len(list((tiny_segment / "checkpoints").glob("epoch*.pt"))) == 1
+
+
+def test_tiny_triage_training_writes_a_calibrated_bundle(tmp_path, tiny_cases, tiny_segment):
+    cfg = TrainConfig(kind="triage", out=tmp_path / "t", epochs=2, spacing_mm=4.0, size=64,
+                      network=TRIAGE_NET, segment_bundle=tiny_segment)
+    path = train(cfg, cases=tiny_cases)
+    bundle = load_bundle(path, "triage")
+    assert set(bundle.config["thresholds"]) == set(LABELS)
+    assert set(bundle.config["calibration"]["temperature"]) == set(LABELS)
+    assert bundle.config["operating_point"]["sensitivity"] == 0.95
+    assert bundle.config["inputs"] == "image+segmentation"
+    assert bundle.config["segment_sha256"] == load_bundle(tiny_segment, "segment").sha256
+    assert bundle.metadata["sha256"] == bundle.sha256
+    assert "NOT FOR CLINICAL USE" in bundle.metadata["intended_use"]
+    # A segmenter on another model grid cannot feed this triage model.
+    cfg.spacing_mm = 2.0
+    with pytest.raises(ValueError, match="frame"):
+        train(cfg, cases=tiny_cases)
+
+
+def test_cli_train_segment_on_a_hichit_folder(tmp_path):
+    import nibabel as nib
+
+    from models.ich.datasets import RAS_TO_LPS
+    from node.cli.main import app
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for n in range(14):  # enough that the hash split gives train and validation cases
+        volume, masks, _ = labelled_head(n, bleed=bool(n % 2))
+        lab = np.zeros(volume.hu.shape, np.uint8)
+        lab[masks["ventricle_left"]], lab[masks["ventricle_right"]] = 3, 4
+        lab[masks["hematoma"]] = 1
+        for folder, data in (("images", volume.hu.astype(np.int16)), ("labels", lab)):
+            nib.save(nib.Nifti1Image(np.transpose(data, (2, 1, 0)), RAS_TO_LPS @ volume.affine),
+                     str(tmp_path / folder / f"c{n:02d}.nii.gz"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "segment", "--dataset", f"hichit:{tmp_path}", "--epochs", "1",
+                              "--out", str(tmp_path / "bundle"), "--studies", "0",
+                              "--val-studies", "0"])
+    assert res.exit_code == 0, res.output
+    assert load_bundle(tmp_path / "bundle", "segment").config["kind"] == "segment"
+    res = runner.invoke(app, ["train", "segment", "--dataset", "nonsense"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
