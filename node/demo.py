@@ -199,7 +199,8 @@ def _write_previews(arrival: Arrival, out: Path) -> list[Path]:
         pixels = ds.pixel_array
         frames = pixels if pixels.ndim == 4 else pixels[None]
         for n, frame in enumerate(frames):
-            target = out / f"{path.stem}_{n}.png"
+            # Named like a viewer orders them: series, instance (the summary image is first).
+            target = out / f"{int(ds.SeriesNumber)}_{int(ds.InstanceNumber):03d}_{n}.png"
             Image.fromarray(frame).save(target)
             written.append(target)
     return written

@@ -44,12 +44,17 @@ def summary_image(lines: list[str], shape: tuple[int, int], colour_keys: list[tu
     img = Image.new("RGB", (cols, rows), (0, 0, 0))
     draw = ImageDraw.Draw(img)
     size = max(10, rows // 28)
-    try:
-        font = ImageFont.load_default(size=size)  # scalable default font: Pillow >= 10.1
-    except TypeError:
-        font = ImageFont.load_default()
+    while True:  # shrink the font until text and legend fit the image
+        try:
+            font = ImageFont.load_default(size=size)  # scalable default font: Pillow >= 10.1
+        except TypeError:
+            font = ImageFont.load_default()
+        wrapped = _wrap(lines, draw, font, cols - 2 * size)
+        if size <= 10 or (len(wrapped) + len(colour_keys) + 2) * size * 1.4 <= rows:
+            break
+        size -= 1
     y = size
-    for line in _wrap(lines, draw, font, cols - 2 * size):
+    for line in wrapped:
         draw.text((size, y), line, fill=(255, 255, 255), font=font)
         y += int(size * 1.4)
     y += size // 2
