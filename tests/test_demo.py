@@ -27,4 +27,5 @@ def test_demo_delivers_results_for_every_study(tmp_path):
     assert all(any((out / "previews" / name).glob("*.png"))
                for name in ("normal", "subdural", "epidural"))
     log = (out / "node.log").read_text()
-    assert "DEMO^" not in log and "DEMO000" not in log  # no patient name/ID in the node's log
+    for phi in ("DEMO^", "DEMO000", "ACC0000"):  # patient name, ID, accession
+        assert phi not in log
