@@ -163,7 +163,7 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
     cavity_ml = float(cavity.sum()) * grid.voxel_ml
     if cavity_ml < p.min_cavity_ml:
         raise DefaceError(f"no cranial cavity found ({cavity_ml:.0f} mL): not a head CT?")
-    head_c = _largest_component(grid.hu > -300)  # the head, not the table or headrest
+    head_c = largest_component(grid.hu > -300)  # the head, not the table or headrest
     centre, anterior, both_sides, cues = _face_direction(grid, cavity, head_c, p)
     cavity = cavity | _skull_base_fill(grid, cavity, centre, p)
     protected_c = _protected_set(grid, cavity, centre, p)
@@ -305,7 +305,7 @@ def _cranial_cavity(grid: _CoarseGrid, p: IchnodeParams) -> np.ndarray:
     core = ndimage.distance_transform_edt(inside, sampling=spacing) > p.open_mm
     if not core.any():
         return core
-    core = _largest_component(core)
+    core = largest_component(core)
     cavity = (ndimage.distance_transform_edt(~core, sampling=spacing) <= p.open_mm + 0.01) & inside
     # Close internal holes (calcifications, bone-dense blood) slice by slice and in 3D.
     cavity = np.stack([ndimage.binary_fill_holes(s) for s in cavity])
@@ -369,7 +369,7 @@ def _z_of_voxels(grid: _CoarseGrid) -> np.ndarray:
     return (a[2, 0] * i + a[2, 1] * j + a[2, 2] * k + a[2, 3]).astype(np.float32)
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
+def largest_component(mask: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(mask)
     if n <= 1:
         return mask

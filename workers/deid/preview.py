@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from models.volume import Volume
-from workers.deid.deface import ANTERIOR, SUPERIOR, DefaceError, head_frame
+from workers.deid.deface import ANTERIOR, SUPERIOR, DefaceError, head_frame, largest_component
 
 SKIN_HU = -300.0
 
@@ -51,7 +51,7 @@ def render_surface(volume: Volume, centre: np.ndarray, anterior: np.ndarray, vie
     samples = ndimage.map_coordinates(volume.hu.astype(np.float32, copy=False),
                                       ijk[[2, 1, 0]], order=1, cval=-1024.0)
     solid = samples.reshape(t.shape) > SKIN_HU
-    solid = _largest_component(solid)  # the head only: no table, headrest or blanket
+    solid = largest_component(solid)  # the head only: no table, headrest or blanket
     hit = solid.any(axis=0)
     depth = np.where(hit, solid.argmax(axis=0), n).astype(np.float32)
     gy, gx = np.gradient(ndimage.gaussian_filter(depth, 1.0))
@@ -60,12 +60,6 @@ def render_surface(volume: Volume, centre: np.ndarray, anterior: np.ndarray, vie
     return np.where(hit, 40 + 215 * np.clip(shade, 0, 1), 0).astype(np.uint8)
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
-    return labels == (int(np.argmax(sizes)) + 1)
 
 
 def write_preview(before: Volume, after: Volume, out: Path, *, title: str = "") -> Path:
