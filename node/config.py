@@ -161,6 +161,11 @@ class SendSection(Section):
     retry_backoff_s: float = Field(5.0, ge=0, description="First retry delay; doubles each attempt")
     max_backoff_s: float = Field(600.0, ge=0, description="Longest delay between attempts")
     max_pdu: int = Field(131072, ge=0, description="Maximum PDU size when sending")
+    commit_timeout_s: float = Field(
+        600.0, gt=0, description="Storage Commitment: re-send what stays unconfirmed this long")
+    commit_wait_s: float = Field(
+        2.0, ge=0, description="Storage Commitment: keep the association open this long for a "
+        "report on it")
 
     _ae = field_validator("calling_ae")(classmethod(lambda cls, v: _check_ae_title(v)))
 

@@ -43,7 +43,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from node.index import Index
 from node.logs import uid_ref
@@ -144,6 +144,10 @@ class DicomService:
         ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:3])
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        # Storage Commitment reports (N-EVENT-REPORT) for what the outbox sent: the peer
+        # proposes the SCP role for itself (PS3.4 J.3.3.1), which we accept.
+        ae.add_supported_context(StorageCommitmentPushModel, TRANSFER_SYNTAXES[:3],
+                                 scu_role=True, scp_role=True)
         return ae
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -172,6 +176,7 @@ class DicomService:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self._on_report),
         ]
         self._server = self.ae.start_server((self.cfg.host, self._bind_port), block=False,
                                             evt_handlers=handlers,
@@ -287,6 +292,11 @@ class DicomService:
             # Kept (the dataset's own SOP class is indexed) but the sender should know.
             return WARNING_SOP_CLASS_MISMATCH
         return 0x0000
+
+    def _on_report(self, event):  # noqa: ANN001, ANN202
+        from node.scu import _handle_report  # the outbox owns what its reports mean
+
+        return _handle_report(self.settings, self.index, event)
 
     def _audit(self, kind: str, outcome: str, peer: str | None, *, ref: str | None = None,
                detail: str | None = None) -> None:

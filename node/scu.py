@@ -25,6 +25,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
+from node import commitment
 from node.config import Destination, _check_ae_title
 from node.index import AuditEvent, Index, Send, SendState, utcnow
 from node.logs import uid_ref
@@ -89,10 +90,10 @@ def _tls_args(dest: Destination, settings) -> tuple[ssl.SSLContext, str] | None:
     return ctx, dest.host
 
 
-def _associate(ae: AE, dest: Destination, settings):  # noqa: ANN001, ANN202
+def _associate(ae: AE, dest: Destination, settings, handlers=()):  # noqa: ANN001, ANN202
     return ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                         tls_args=_tls_args(dest, settings),
-                        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *handlers])
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,8 @@ class Outbox:
         """Send every due PENDING row (or only ``ids``); returns how many were delivered."""
         now = now or utcnow()
         with self._lock:
+            if ids is None:  # unconfirmed too long: due again (new C-STORE + commitment)
+                commitment.requeue_unconfirmed(self.settings, self.index, now)
             with self.index.session() as s:
                 q = select(Send).where(Send.state == SendState.PENDING,
                                        Send.next_attempt_at <= now)
@@ -231,8 +234,13 @@ class Outbox:
         ae = _new_ae(self.settings)
         for sop_class, tsyntax in sorted({(i.sop_class, i.tsyntax) for i in items}):
             ae.add_requested_context(sop_class, tsyntax)
+        handlers = []
+        if dest.storage_commitment:
+            ae.add_requested_context(commitment.SOP_CLASS)
+            # A peer may send the N-EVENT-REPORT on this association (PS3.4 J.3.3).
+            handlers.append((evt.EVT_N_EVENT_REPORT, self._on_report))
         try:
-            assoc = _associate(ae, dest, self.settings)
+            assoc = _associate(ae, dest, self.settings, handlers)
         except (OSError, ssl.SSLError) as exc:
             assoc, reason = None, f"connection failed: {exc}"
         if assoc is None or not assoc.is_established:
@@ -241,7 +249,7 @@ class Outbox:
             for item in items:
                 self._record(item.send_id, None, reason)
             return 0
-        sent = 0
+        sent, delivered = 0, []
         try:
             for n, item in enumerate(items):
                 if not assoc.is_established:
@@ -261,14 +269,39 @@ class Outbox:
                     self._record(item.send_id, None, "no response (timeout or abort)")
                 elif status in _KEPT:
                     self._record(item.send_id, status, None)
+                    delivered.append(item)
                     sent += 1
                 else:
                     self._record(item.send_id, status, f"peer status 0x{status:04X}")
+            if dest.storage_commitment and delivered and assoc.is_established:
+                self._request_commitment(name, assoc, delivered)
         finally:
             if assoc.is_established:
                 assoc.release()
         log.info("send pass", extra={"destination": name, "sent": sent, "files": len(items)})
         return sent
+
+    # ------------------------------------------------------------------ commitment
+    def _request_commitment(self, name: str, assoc, items: list[_Item]) -> None:  # noqa: ANN001
+        """N-ACTION for what was just stored; rows stay SENT until the report comes.
+
+        A failed request leaves them SENT too: ``send.commit_timeout_s`` re-sends them.
+        """
+        uid, error = commitment.request(assoc, [(i.sop_class, i.sop_instance) for i in items])
+        if error:
+            log.warning("send: %s", error, extra={"destination": name, "files": len(items)})
+            self.index.audit("commitment", "failed", peer=name[:64], detail=error)
+            return
+        log.info("storage commitment requested",
+                 extra={"destination": name, "files": len(items),
+                        "transaction": uid_ref(uid)})
+        wait_s = self.settings.send.commit_wait_s
+        if wait_s > 0 and not commitment.wait(uid, wait_s):
+            commitment.forget(uid)  # the report may still come later on a new association
+
+    def _on_report(self, event) -> tuple[int, None]:  # noqa: ANN001
+        """N-EVENT-REPORT on our own association (peer answered synchronously)."""
+        return _handle_report(self.settings, self.index, event)
 
     # ------------------------------------------------------------------ bookkeeping
     def backoff(self, attempts: int) -> float:
@@ -304,6 +337,23 @@ class Outbox:
             s.add(AuditEvent(kind="send", outcome=outcome, peer=row.destination[:64],
                              ref=f"send:{row.id} {uid_ref(row.sop_instance_uid)}",
                              detail=reason or row.last_status))
+
+
+def _handle_report(settings, index: Index, event) -> tuple[int, None]:  # noqa: ANN001
+    """EVT_N_EVENT_REPORT for Storage Commitment, on either side of an association."""
+    req = event.request
+    if str(req.AffectedSOPClassUID or "") != commitment.SOP_CLASS:
+        return 0x0112, None  # no such SOP instance / class we handle reports for
+    assoc = event.assoc
+    peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    try:
+        info = event.event_information
+        commitment.apply_report(settings, index, peer.ae_title or "",
+                                int(req.EventTypeID or 0), info)
+    except Exception:  # noqa: BLE001 - answer a failure, the peer may report again
+        log.exception("storage commitment report not applied")
+        return 0x0110, None
+    return 0x0000, None
 
 
 def _send_as_stored(assoc, path: Path):  # noqa: ANN001, ANN202

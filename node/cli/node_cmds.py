@@ -14,7 +14,7 @@ STUDY_COLUMNS = ("study_uid", "state", "instances", "series", "calling_ae", "fir
 SERIES_COLUMNS = ("series_uid", "modality", "description", "body_part", "instances", "selected")
 JOB_COLUMNS = ("id", "kind", "state", "step", "attempts", "reason", "created_at", "finished_at")
 SEND_COLUMNS = ("id", "destination", "state", "attempts", "last_status", "purpose",
-                "next_attempt_at", "sent_at", "reason", "path")
+                "next_attempt_at", "sent_at", "committed_at", "reason", "path")
 
 
 def _index():  # noqa: ANN202 - node.index.Index
@@ -50,6 +50,7 @@ def _send_row(send) -> dict[str, Any]:  # noqa: ANN001
         "id": send.id, "destination": send.destination, "state": _enum(send.state),
         "attempts": send.attempts, "last_status": send.last_status, "purpose": send.purpose,
         "next_attempt_at": _ts(send.next_attempt_at), "sent_at": _ts(send.sent_at),
+        "committed_at": _ts(send.committed_at),
         "reason": send.reason, "path": send.path, "study_uid": send.study_uid,
         "sop_instance_uid": send.sop_instance_uid,
     }
@@ -163,7 +164,8 @@ def send(paths: list[Path] = typer.Argument(..., help="DICOM files or folders"),
                                                 .order_by(Send.id))]
     print_rows(rows, ("id", "path", "state", "last_status", "attempts", "reason"),
                title=f"send to {to}", as_json=as_json)
-    bad = [r for r in rows if r["state"] != SendState.SENT.value]
+    bad = [r for r in rows if r["state"] not in (SendState.SENT.value,
+                                                  SendState.COMMITTED.value)]
     if bad:
         fail(f"{len(bad)} of {len(rows)} file(s) not delivered to {to} "
              f"(first: {bad[0]['reason'] or bad[0]['state']}); pending ones are retried by serve")
