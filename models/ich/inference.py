@@ -18,7 +18,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from models.ich import measure
+from models.ich import measure, postprocess
 from models.ich.bundle import Bundle, BundleError, load_bundle
 from models.ich.networks import IN_CHANNELS, SEG_PRIOR_CHANNELS, triage_input
 from models.preprocess.transforms import ModelFrame, model_input
@@ -90,6 +90,10 @@ def analyze_volume(volume: Volume, settings=None, *, bundles=None) -> tuple[Anal
     voxel_ml = volume.voxel_volume_ml
     hematoma = measure.remove_small_components(
         labels == 1, max(1, int(round(MIN_COMPONENT_ML / voxel_ml))))
+    # The bundle's false-positive rule (triage gate, component size, blood HU range).
+    hematoma = postprocess.apply_rule(hematoma, volume.hu, voxel_ml,
+                                      float(study_probs[LABELS.index("any")]),
+                                      postprocess.rule_of(segment.config))
     masks = {"hematoma": hematoma, "ventricle_left": labels == 2, "ventricle_right": labels == 3}
     findings = _findings(triage, slice_probs, study_probs)
     masks["hematoma_subtype"] = _component_subtypes(hematoma, slice_probs, findings)
