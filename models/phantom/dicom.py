@@ -211,17 +211,7 @@ def write_dicom_series(study, out_dir, *, patient_name: str | None = None,
         ds["PixelData"].VR = "OW"
         ds.InstanceCreationDate = ds.ContentDate
         ds.InstanceCreationTime = ds.ContentTime
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = IMPLEMENTATION_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-        ds.file_meta = meta
-        ds.preamble = b"\0" * 128
-        path = out / f"IM{kk + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+        paths.append(_save(ds, out / f"IM{kk + 1:04d}.dcm"))
     return paths
 
 
@@ -280,6 +270,11 @@ def write_localizer(study, out_dir, *, series_number: int = 1, **ids) -> Path:
     ds.RescaleType = "US"  # a projection is not in HU
     ds.PixelData = data
     ds["PixelData"].VR = "OW"
+    return _save(ds, out / "LOC0001.dcm")
+
+
+def _save(ds: Dataset, path: Path) -> Path:
+    """Write a CT image as a Part 10 file (Explicit VR Little Endian) with our implementation UID."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -288,6 +283,5 @@ def write_localizer(study, out_dir, *, series_number: int = 1, **ids) -> Path:
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     ds.file_meta = meta
     ds.preamble = b"\0" * 128
-    path = out / "LOC0001.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
