@@ -68,7 +68,7 @@ def test_gpu_inputs_carry_no_identity(done):
     needles += [identity.patient_id.split("-")[1]]
     haystacks = [json.dumps(out).encode(), str(work).encode()]
     files = sorted(p for p in work.rglob("*") if p.is_file())
-    assert {p.name for p in files} == {"volume.npz", "item.json"}
+    assert {p.name for p in files} == {"volume.npz", "intracranial.npz", "item.json"}
     for path in files:
         haystacks.extend(_texts_of(path))
     for needle in needles:

@@ -5,6 +5,9 @@ resampled, cropped): HU (K, H, W), optional segmentation labels (0 background, 1
 2 left ventricle, 3 right ventricle), per-slice and study labels in LABELS order, and the truth
 needed for evaluation. Phantom cases are cached as .npz per seed, so repeated training runs do
 not regenerate them.
+
+The HU are restricted to the cranial cavity (air elsewhere), exactly as inference does
+(:mod:`models.preprocess.cavity`), so the models learn from what they will be shown.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from monai.transforms import (Compose, MapTransform, RandAffined, RandFlipd, RandGaussianNoised,
                               RandGaussianSmoothd, RandScaleIntensityd)
 
+from models.preprocess.cavity import CavityNotFound, intracranial_mask, keep_intracranial
 from models.preprocess.transforms import ModelFrame
 from models.results import LABELS, SUBTYPES
 from models.volume import Volume
@@ -88,12 +92,27 @@ def slice_labels_from_masks(frame: ModelFrame, subtype_masks: dict, n_slices: in
     return labels
 
 
+def model_hu(key: str, volume: Volume) -> np.ndarray:
+    """The volume's HU as the models see them: the cranial cavity only.
+
+    A volume without a findable cavity (a 2D slice dataset, a cropped fixture) is kept whole,
+    with a warning: inference refuses such a volume, but its labels can still teach.
+    """
+    try:
+        return keep_intracranial(volume.hu, intracranial_mask(volume))
+    except CavityNotFound as exc:
+        log.warning("%s: %s; training on the whole image", key, exc)
+        return volume.hu
+
+
 def case_from_volume(key: str, volume: Volume, frame_args: dict, masks: dict | None = None,
                      subtype_masks: dict | None = None, slice_labels: np.ndarray | None = None,
                      study_labels: np.ndarray | None = None, truth: dict | None = None) -> Case:
     """Bring a labelled volume onto the model grid. ``slice_labels`` are in ORIGINAL k order."""
-    frame = ModelFrame.fit(volume, **frame_args)
-    hu = np.clip(np.rint(frame.to_model(volume.hu)), -1024, 3071).astype(np.int16)
+    # The window is centred on what the models see (the cavity), as in inference.
+    seen = Volume(hu=model_hu(key, volume), affine=volume.affine)
+    frame = ModelFrame.fit(seen, **frame_args)
+    hu = np.clip(np.rint(frame.to_model(seen.hu)), -1024, 3071).astype(np.int16)
     seg = frame.labels_to_model(label_map(masks, volume.hu.shape)) if masks else None
     if subtype_masks:
         per_slice = slice_labels_from_masks(frame, subtype_masks, hu.shape[0])
@@ -146,7 +165,8 @@ def _float(value) -> float | None:  # noqa: ANN001
 def phantom_case(seed: int, frame_args: dict, matrix: int = 128, thickness: float | None = 5.0,
                  cache_dir: Path | None = None) -> Case:
     """One phantom study as a Case (cached by seed and parameters when ``cache_dir`` is given)."""
-    key = f"phantom-{seed}-m{matrix}-t{thickness}-s{frame_args['spacing_mm']}-{frame_args['size']}"
+    # "-ic": intracranial input (older caches held the whole head).
+    key = f"phantom-{seed}-m{matrix}-t{thickness}-s{frame_args['spacing_mm']}-{frame_args['size']}-ic"
     path = cache_dir / f"{key}.npz" if cache_dir else None
     if path and path.exists():
         return Case.load(path)

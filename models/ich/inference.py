@@ -3,6 +3,11 @@
 ``analyze_volume(volume, settings) -> (AnalysisResult, masks)``; masks are boolean arrays on the
 volume's own grid (``hematoma``, ``ventricle_left``, ``ventricle_right``) plus a uint8
 ``hematoma_subtype`` (0 none, else 1 + index in SUBTYPES), as models/results.py specifies.
+
+The models see only the cranial cavity (:mod:`models.preprocess.cavity`): everything outside it
+is air in their input, and masks are kept inside it. So defacing, which never writes there,
+cannot change a result, and nothing outside the skull (scalp haematoma, headrest, face) can
+become a finding.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from scipy import ndimage
 from models.ich import measure, postprocess
 from models.ich.bundle import Bundle, BundleError, load_bundle
 from models.ich.networks import IN_CHANNELS, SEG_PRIOR_CHANNELS, triage_input
+from models.preprocess.cavity import CavityNotFound, intracranial_mask, keep_intracranial
+from models.preprocess.series import SeriesError
 from models.preprocess.transforms import ModelFrame, model_input
 from models.results import LABELS, SUBTYPES, AnalysisResult, ModelInfo, SubtypeResult
 from models.volume import Volume
@@ -57,18 +64,31 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
 
 
-def analyze_volume(volume: Volume, settings=None, *, bundles=None) -> tuple[AnalysisResult, dict]:  # noqa: ANN001
-    """Run triage and segmentation on ``volume`` and measure. Raises SeriesError for a non-axial series."""
+def analyze_volume(volume: Volume, settings=None, *, bundles=None,  # noqa: ANN001
+                   intracranial: np.ndarray | None = None) -> tuple[AnalysisResult, dict]:
+    """Run triage and segmentation on ``volume`` and measure.
+
+    ``intracranial``: the cranial-cavity mask on the volume's grid (the deid step finds it on the
+    original voxels); found here when not given. Raises SeriesError for a non-axial series or a
+    volume without a cranial cavity.
+    """
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     triage, segment, device = bundles or load_models(settings)
     seconds["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
+    intracranial = _intracranial(volume, intracranial)
+    seconds["cavity"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     if _in_channels(triage) > IN_CHANNELS and _frame_args(triage) != _frame_args(segment):
         raise BundleError("triage and segment bundles must share the model frame (spacing, size)")
-    frame = ModelFrame.fit(volume, **_frame_args(segment))
-    hu_model = frame.to_model(volume.hu)
+    # Fitted on what the models see, so the window (centred on the tissue) is the same
+    # with or without a face.
+    seen = Volume(hu=keep_intracranial(volume.hu, intracranial), affine=volume.affine)
+    frame = ModelFrame.fit(seen, **_frame_args(segment))
+    hu_model = frame.to_model(seen.hu)
     x = model_input(hu_model, frame.native_spacing[0])
     seconds["preprocess"] = time.perf_counter() - t
 
@@ -87,6 +107,7 @@ def analyze_volume(volume: Volume, settings=None, *, bundles=None) -> tuple[Anal
     seconds["to_original"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    labels[~intracranial] = 0  # the probabilities' upsampling may bleed past the cavity edge
     voxel_ml = volume.voxel_volume_ml
     hematoma = measure.remove_small_components(
         labels == 1, max(1, int(round(MIN_COMPONENT_ML / voxel_ml))))
@@ -106,6 +127,18 @@ def analyze_volume(volume: Volume, settings=None, *, bundles=None) -> tuple[Anal
     seconds["total"] = time.perf_counter() - t0
     result.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return result, masks
+
+
+def _intracranial(volume: Volume, given: np.ndarray | None) -> np.ndarray:
+    if given is not None:
+        if given.shape != volume.hu.shape:
+            raise SeriesError(f"intracranial mask {given.shape} does not match the volume "
+                              f"{volume.hu.shape}")
+        return given.astype(bool, copy=False)
+    try:
+        return intracranial_mask(volume)
+    except CavityNotFound as exc:
+        raise SeriesError(str(exc)) from exc
 
 
 def _in_channels(bundle: Bundle) -> int:

@@ -8,11 +8,10 @@ the hull. It knows nothing of orientation, so a turned head gets its side painte
 
 ``ichnode`` (default) works in 3D and in patient space:
 
-1. the cranial cavity is found from the skull: bone closed and filled in axial, coronal and
-   sagittal planes (a fossa floor cut obliquely is open in one orientation, closed in another),
-   soft content only, largest 3D component after an opening that cuts nerves and muscles
-   linking it to the orbits; the foramen magnum region and the spinal canal are added. The
-   cavity, its voxel shell and margins form the protected set: never written, and checked;
+1. the cranial cavity is found from the skull (:mod:`models.preprocess.cavity`, the same
+   function that masks the models' input); the spinal canal is added. The cavity, its voxel
+   shell and margins form the protected set: never written, and checked, as is that the
+   models' intracranial mask lies inside it (so defacing cannot change a model result);
 2. anterior is the cavity's long axis in the axial plane (a skull is longer front to back), its
    sign from the image (the deepest cavity part, posterior fossa and foramen magnum, lies
    behind the centre; the face protrudes farther beyond the skull than the occiput), checked
@@ -34,11 +33,15 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+from models.preprocess.cavity import (AIR_HU, SUPERIOR, CavityNotFound, CavityParams, CoarseGrid,
+                                     find_cavity, intracranial_mask, largest_component, main_body,
+                                     posterior_dir)
 from models.volume import Volume
 
+__all__ = ["ANTERIOR", "SUPERIOR", "DefaceError", "DefaceResult", "IchnodeParams", "deface",
+           "head_frame", "largest_component"]
+
 Mode = Literal["ichnode", "mosmed"]
-AIR_HU = -1000
-SUPERIOR = np.array([0.0, 0.0, 1.0])  # LPS +z
 ANTERIOR = np.array([0.0, -1.0, 0.0])  # LPS -y
 REFERENCE_AP_MM = 165.0  # adult cranial cavity length; zone offsets scale with the real one
 
@@ -54,6 +57,7 @@ class DefaceResult:
     mode: str
     seconds: float
     protected: np.ndarray | None = None  # bool (k, j, i): never-written set (ichnode)
+    intracranial: np.ndarray | None = None  # bool (k, j, i): the models' input mask (ichnode)
     info: dict = field(default_factory=dict)  # technical facts: anterior vector, its source...
 
 
@@ -128,29 +132,17 @@ def _ray_exit(mask: np.ndarray, y: float, x: float, dy: float, dx: float) -> tup
 
 # -- ichnode ------------------------------------------------------------------------------------
 @dataclass
-class IchnodeParams:
-    bone_hu: float = 200.0  # partial-volume bone still counts as wall
-    # What fills a cranial cavity. The upper bound sits near the midpoint between brain and
-    # cortical bone, so partial-volume voxels at the inner table (also across a slice lying
-    # on a fossa floor) count as cavity, as a "brain fraction >= 0.5" mask would.
-    content_hu: tuple[float, float] = (-50.0, 1000.0)  # fat (orbits, scalp) is not content
-    coarse_mm: float = 0.8  # in-plane working resolution for the 3D morphology
-    margin_mm: float = 1.5  # protected shell around the cavity (beyond the coarse-grid slack)
-    close_mm: float = 15.0  # seals sutures, ear canals, fissures before the ring is filled
-    close_small_mm: float = 4.0  # ... and a small one keeps small rings (atlas, vertex)
-    close_mid_mm: float = 8.0  # coronal and sagittal planes
-    open_mm: float = 5.0  # 3D opening radius: cuts nerves/muscles linking orbit and cavity
+class IchnodeParams(CavityParams):
+    """Cavity finding (shared with the models' input mask) plus the face-zone geometry."""
+
     soft_margin_mm: float = 4.0  # soft-tissue-valued voxels this close are protected too
     top_mm: float = 5.0  # face zone ends this far above the cavity centroid (x scale)
     back_mm: float = -70.0  # ... and this far behind it (ears reach back ~6 cm) (x scale)
-    min_cavity_ml: float = 150.0  # less: no skull/head in the volume -> refuse
     min_axis_ratio: float = 1.04  # long/short cavity axis: below, the axis is not trusted
     min_protrusion_mm: float = 8.0  # face vs back protrusion difference to trust the sign
     min_deep_offset_mm: float = 8.0  # deep cavity part this far off centre to trust the sign
     canal_lean_deg: float = 30.0  # spinal-canal protection cone below the cavity
     tip_mm: float = 25.0  # deepest part of the cavity whose posterior footprint is carried down
-    skull_base_mm: float = -30.0  # slices this far below the centre get the foramen fill
-    skull_base_front_mm: float = 10.0  # ... up to this far in front of the centre
     canal_drift_mm: float = 15.0  # most the canal may drift sideways below the cavity
     canal_half_width_mm: float = 25.0  # canal footprint: this close to the midline
 
@@ -158,14 +150,14 @@ class IchnodeParams:
 def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> DefaceResult:
     p = params or IchnodeParams()
     start = time.perf_counter()
-    grid = _CoarseGrid(volume, p.coarse_mm)
-    cavity = _cranial_cavity(grid, p)
-    cavity_ml = float(cavity.sum()) * grid.voxel_ml
-    if cavity_ml < p.min_cavity_ml:
-        raise DefaceError(f"no cranial cavity found ({cavity_ml:.0f} mL): not a head CT?")
+    try:
+        found = find_cavity(volume, p)
+    except CavityNotFound as exc:
+        raise DefaceError(str(exc)) from exc
+    grid, cavity, cavity_ml = found.grid, found.raw, found.ml
     head_c = largest_component(grid.hu > -300)  # the head, not the table or headrest
     centre, anterior, both_sides, cues = _face_direction(grid, cavity, head_c, p)
-    cavity = cavity | _skull_base_fill(grid, cavity, centre, p)
+    cavity = found.mask  # with the foramen magnum fill
     protected_c = _protected_set(grid, cavity, centre, p)
     extent = _extent_along(grid, cavity, anterior)
     scale = float(np.clip(extent / REFERENCE_AP_MM, 0.6, 1.4))
@@ -188,13 +180,18 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
     changed_protected = int(np.count_nonzero(hu[protected] != volume.hu[protected]))
     if changed_protected:  # cannot happen by construction; the check is the proof
         raise AssertionError(f"{changed_protected} protected voxels changed")
+    # What the models will see: must lie inside the never-written set, or defacing could
+    # change a model result.
+    intracranial = intracranial_mask(volume, p, found)
+    if np.any(intracranial & ~protected):
+        raise AssertionError("the models' intracranial mask leaves the protected set")
     info = {"anterior_lps": [round(float(c), 4) for c in anterior], "both_sides": both_sides,
             "cavity_ml": round(cavity_ml, 1), "scale": round(scale, 3), **cues}
     return DefaceResult(_copy_volume(volume, hu), replaced, "ichnode", time.perf_counter() - start,
-                        protected=protected, info=info)
+                        protected=protected, intracranial=intracranial, info=info)
 
 
-def _protected_set(grid: "_CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
+def _protected_set(grid: "CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
                    p: IchnodeParams) -> np.ndarray:
     """The never-written set on the coarse grid: cavity, its shell and margins, spinal canal."""
     # The margin includes the coarse-grid slack, so that upsampling the coarse mask can never
@@ -218,101 +215,13 @@ def _protected_set(grid: "_CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
     return protected
 
 
-class _CoarseGrid:
-    """The volume block-reduced in plane to ~``coarse_mm`` (slices kept) for fast morphology."""
-
-    def __init__(self, volume: Volume, coarse_mm: float) -> None:
-        from skimage.measure import block_reduce
-
-        dk, dj, di = volume.spacing
-        self.fj = max(1, int(round(coarse_mm / dj)))
-        self.fi = max(1, int(round(coarse_mm / di)))
-        self.shape = volume.hu.shape
-        hu = volume.hu.astype(np.float32, copy=False)
-        self.hu = block_reduce(hu, (1, self.fj, self.fi), np.mean, cval=AIR_HU)
-        # Bone by block maximum: a thin wall inside a block still closes the ring.
-        self.hu_max = block_reduce(hu, (1, self.fj, self.fi), np.max, cval=AIR_HU)
-        self.coarse_spacing = np.array([dk, dj * self.fj, di * self.fi])
-        self.voxel_ml = float(np.prod(self.coarse_spacing)) / 1000.0
-        # Farthest a full-resolution voxel centre lies from its coarse voxel's centre.
-        self.slack_mm = 0.5 * float(np.hypot((self.fj - 1) * dj, (self.fi - 1) * di))
-        affine = volume.affine.copy()
-        # Coarse voxel centre (i', j') sits at fine index (i' * f + (f - 1) / 2).
-        scale = np.diag([self.fi, self.fj, 1.0, 1.0])
-        shift = np.eye(4)
-        shift[:3, 3] = [(self.fi - 1) / 2, (self.fj - 1) / 2, 0]
-        self.affine = affine @ shift @ scale
-
-    def upsample_slice(self, mask2d: np.ndarray) -> np.ndarray:
-        up = np.repeat(np.repeat(mask2d, self.fj, axis=0), self.fi, axis=1)
-        return up[: self.shape[1], : self.shape[2]]
-
-    def coordinates(self, mask: np.ndarray) -> np.ndarray:
-        """LPS mm of the coarse voxels in ``mask`` (n, 3)."""
-        k, j, i = np.nonzero(mask)
-        ijk1 = np.stack([i, j, k, np.ones_like(i)]).astype(np.float64)
-        return (self.affine @ ijk1)[:3].T
-
-
 def _slice_coordinates(affine: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:
     j, i = np.indices(shape, dtype=np.float64)
     base = affine[:3, 3] + k * affine[:3, 2]
     return base + i[..., None] * affine[:3, 0] + j[..., None] * affine[:3, 1]
 
 
-def _close(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
-    """Morphological closing with a disk of ``radius_mm`` via distance transforms (fast for
-    large radii). The border is padded so that walls touching the image edge stay walls."""
-    if not mask.any():
-        return mask
-    pad = int(np.ceil(radius_mm / float(min(spacing)))) + 1
-    m = np.pad(mask, pad)
-    grown = ndimage.distance_transform_edt(~m, sampling=spacing) <= radius_mm
-    closed = ~(ndimage.distance_transform_edt(grown, sampling=spacing) <= radius_mm) | m
-    return closed[pad:-pad, pad:-pad]
-
-
-def _cranial_cavity(grid: _CoarseGrid, p: IchnodeParams) -> np.ndarray:
-    """Soft tissue enclosed by the skull, as one 3D component (coarse grid)."""
-    bone = grid.hu_max > p.bone_hu
-    lo, hi = p.content_hu
-    content = (grid.hu > lo) & (grid.hu < hi)
-    # A slice only shows a closed ring where the cavity wall crosses it steeply: fossa floors
-    # cut obliquely (posterior fossa, middle fossa) are open in axial slices but closed in
-    # coronal or sagittal ones. "Enclosed in any of the three orientations" covers all walls.
-    inside = np.zeros(bone.shape, dtype=bool)
-    spacing = grid.coarse_spacing
-    # A large closing seals wide gaps (fissures, ear canals) but also fills small cavities
-    # whole (the spinal canal in the atlas ring, the vertex): axial slices use both radii.
-    radii = {0: (p.close_small_mm, p.close_mm), 1: (p.close_mid_mm,), 2: (p.close_mid_mm,)}
-    for axis in range(3):
-        plane_spacing = np.delete(spacing, axis)
-        for idx in range(bone.shape[axis]):
-            where = [slice(None)] * 3
-            where[axis] = idx
-            plane = bone[tuple(where)]
-            if not plane.any():
-                continue
-            for radius in radii[axis]:
-                wall = _close(plane, radius, plane_spacing)
-                lid = wall & ~plane  # soft tissue in a sealed gap: never cavity (no leak)
-                inside[tuple(where)] |= ndimage.binary_fill_holes(wall) & ~lid
-    inside &= content
-    # A 3D opening cuts thin bridges out of the cavity: optic nerves and eye muscles running
-    # through the orbit apex, partial-volume leaks through thin bone. The largest remaining
-    # part is the cavity; it regrows by the same radius within ``inside``.
-    spacing = grid.coarse_spacing
-    core = ndimage.distance_transform_edt(inside, sampling=spacing) > p.open_mm
-    if not core.any():
-        return core
-    core = largest_component(core)
-    cavity = (ndimage.distance_transform_edt(~core, sampling=spacing) <= p.open_mm + 0.01) & inside
-    # Close internal holes (calcifications, bone-dense blood) slice by slice and in 3D.
-    cavity = np.stack([ndimage.binary_fill_holes(s) for s in cavity])
-    return ndimage.binary_fill_holes(cavity)
-
-
-def _protect_canal(protected: np.ndarray, cavity: np.ndarray, grid: _CoarseGrid,
+def _protect_canal(protected: np.ndarray, cavity: np.ndarray, grid: CoarseGrid,
                    centre: np.ndarray, p: IchnodeParams) -> None:
     """Protect the spinal canal below the posterior fossa (in place).
 
@@ -324,10 +233,10 @@ def _protect_canal(protected: np.ndarray, cavity: np.ndarray, grid: _CoarseGrid,
     """
     if not cavity.any():
         return
-    z = _z_of_voxels(grid)
+    z = grid.z_of_voxels()
     z_tip = float(z[cavity].min()) + p.tip_mm
     tip = cavity & (z < z_tip)
-    post_dir = _posterior_dir(grid, cavity, centre)
+    post_dir = posterior_dir(grid, cavity, centre)
     if post_dir is not None:
         k, j, i = np.nonzero(tip)
         xyz = (grid.affine @ np.vstack([i, j, k, np.ones_like(i)]))[:3].T
@@ -348,43 +257,7 @@ def _protect_canal(protected: np.ndarray, cavity: np.ndarray, grid: _CoarseGrid,
     protected |= (z < z_tip) & (dist[None] <= reach + lean)
 
 
-def _posterior_dir(grid: _CoarseGrid, cavity: np.ndarray,
-                   centre: np.ndarray) -> np.ndarray | None:
-    """Unit vector (axial plane) from the cavity centre towards its deepest part, if any."""
-    pts = grid.coordinates(cavity) - centre
-    v = pts @ SUPERIOR
-    if v.size == 0 or v.min() > -40.0:
-        return None
-    post = np.median(pts[v < v.min() + 25.0][:, :2], axis=0)
-    norm = float(np.linalg.norm(post))
-    if norm < 1e-6:
-        return None
-    return np.array([post[0] / norm, post[1] / norm, 0.0])
-
-
-def _z_of_voxels(grid: _CoarseGrid) -> np.ndarray:
-    """LPS z (mm) of every coarse voxel."""
-    k, j, i = np.indices(grid.hu.shape, dtype=np.float32)
-    a = grid.affine
-    return (a[2, 0] * i + a[2, 1] * j + a[2, 2] * k + a[2, 3]).astype(np.float32)
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
-    return labels == (int(np.argmax(sizes)) + 1)
-
-
-def _main_body(cavity: np.ndarray) -> np.ndarray:
-    """The cavity without thin tails (spinal canal): slices with >= 25 % of the largest area."""
-    areas = cavity.sum(axis=(1, 2))
-    keep = areas >= 0.25 * areas.max()
-    return cavity & keep[:, None, None]
-
-
-def _face_direction(grid: _CoarseGrid, cavity: np.ndarray, head: np.ndarray,
+def _face_direction(grid: CoarseGrid, cavity: np.ndarray, head: np.ndarray,
                     p: IchnodeParams) -> tuple[np.ndarray, np.ndarray, bool, dict]:
     """Centre of the cavity, anterior unit vector (axial plane), and whether to treat both sides.
 
@@ -394,7 +267,7 @@ def _face_direction(grid: _CoarseGrid, cavity: np.ndarray, head: np.ndarray,
     cuts the nose). IOP gives the patient's anterior; a head turned by less than 90 degrees keeps
     the face on that side. Agreeing cues decide; doubt means both sides are defaced.
     """
-    body = _main_body(cavity)
+    body = main_body(cavity)
     pts = grid.coordinates(body)
     centre = pts.mean(axis=0)
     xy = pts[:, :2] - centre[:2]
@@ -429,39 +302,7 @@ def _face_direction(grid: _CoarseGrid, cavity: np.ndarray, head: np.ndarray,
     return centre, axis, False, cues
 
 
-def _skull_base_fill(grid: _CoarseGrid, cavity: np.ndarray, centre: np.ndarray,
-                     p: IchnodeParams) -> np.ndarray:
-    """Content inside the per-slice convex hull of the cavity, low and behind the centre.
-
-    Around the foramen magnum the wall has a hole in every orientation (the canal leaves
-    through it), so the medulla and cisterna magna are not "enclosed". They lie between the
-    cerebellar halves and the canal: inside the hull of the cavity in their slice. Restricted
-    to the deep, posterior part so that the orbits (anterior) are never added.
-    """
-    from skimage.morphology import convex_hull_image
-
-    post_dir = _posterior_dir(grid, cavity, centre)
-    if post_dir is None:
-        return np.zeros_like(cavity)
-    lo, hi = p.content_hu
-    z = _z_of_voxels(grid)
-    add = np.zeros_like(cavity)
-    for k in range(cavity.shape[0]):
-        if cavity[k].sum() < 3:
-            continue
-        zk = z[k] - centre[2]
-        if zk.mean() > p.skull_base_mm:
-            continue
-        hull = convex_hull_image(cavity[k])
-        j, i = np.nonzero(hull)
-        xyz = (grid.affine @ np.vstack([i, j, np.full_like(i, k), np.ones_like(i)]))[:3].T
-        behind = (xyz - centre) @ post_dir > -p.skull_base_front_mm
-        content = (grid.hu[k, j, i] > lo) & (grid.hu[k, j, i] < hi)
-        add[k, j[behind & content], i[behind & content]] = True
-    return add
-
-
-def _deep_offset(grid: _CoarseGrid, cavity: np.ndarray, centre: np.ndarray,
+def _deep_offset(grid: CoarseGrid, cavity: np.ndarray, centre: np.ndarray,
                  axis: np.ndarray) -> float:
     """Position along ``axis`` of the cavity's lowest 25 mm relative to the centre (mm)."""
     pts = grid.coordinates(cavity) - centre
@@ -472,7 +313,7 @@ def _deep_offset(grid: _CoarseGrid, cavity: np.ndarray, centre: np.ndarray,
     return float(np.median(pts[deep] @ axis))
 
 
-def _protrusion(grid: _CoarseGrid, body: np.ndarray, head: np.ndarray, centre: np.ndarray,
+def _protrusion(grid: CoarseGrid, body: np.ndarray, head: np.ndarray, centre: np.ndarray,
                 axis: np.ndarray) -> float:
     """How much farther soft tissue reaches beyond the cavity on the +axis than the -axis side.
 
@@ -490,8 +331,8 @@ def _protrusion(grid: _CoarseGrid, body: np.ndarray, head: np.ndarray, centre: n
     return float(front - back)
 
 
-def _extent_along(grid: _CoarseGrid, cavity: np.ndarray, axis: np.ndarray) -> float:
-    u = (grid.coordinates(_main_body(cavity)) @ axis)
+def _extent_along(grid: CoarseGrid, cavity: np.ndarray, axis: np.ndarray) -> float:
+    u = (grid.coordinates(main_body(cavity)) @ axis)
     return float(np.percentile(u, 99) - np.percentile(u, 1))
 
 
@@ -499,9 +340,9 @@ def head_frame(volume: Volume,
                params: IchnodeParams | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(cranial-cavity centre in LPS mm, anterior unit vector) as the ichnode mode finds them."""
     p = params or IchnodeParams()
-    grid = _CoarseGrid(volume, p.coarse_mm)
-    cavity = _cranial_cavity(grid, p)
-    if float(cavity.sum()) * grid.voxel_ml < p.min_cavity_ml:
-        raise DefaceError("no cranial cavity found")
-    centre, anterior, _both, _cues = _face_direction(grid, cavity, grid.hu > -300, p)
+    try:
+        found = find_cavity(volume, p)
+    except CavityNotFound as exc:
+        raise DefaceError(str(exc)) from exc
+    centre, anterior, _both, _cues = _face_direction(found.grid, found.raw, found.grid.hu > -300, p)
     return centre, anterior

@@ -1,6 +1,8 @@
 """gpu queue: triage + segmentation + measurements of one de-identified work item.
 
-Reads ONLY the work-item folder (``previous["work_item"]``): ``volume.npz``. Writes there
+Reads ONLY the work-item folder (``previous["work_item"]``): ``volume.npz`` and the
+``intracranial.npz`` mask the deid step found on the original voxels (a work item without
+one, from an older node, gets the mask found on its own voxels). Writes there
 ``results.json`` (:class:`models.results.AnalysisResult`) and ``masks.npz`` (boolean
 ``hematoma``, ``ventricle_left``, ``ventricle_right`` and uint8 ``hematoma_subtype`` on the
 volume's grid). Idempotent: a retry overwrites both files atomically.
@@ -19,12 +21,14 @@ from workers.context import StepContext, StepError
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
+INTRACRANIAL = "intracranial.npz"  # written by the deid step
 MASKS = "masks.npz"
 
 
 def run(ctx: StepContext, previous: dict) -> dict:
     from models.ich.bundle import BundleError
     from models.ich.inference import analyze_volume
+    from models.preprocess.cavity import load_mask
     from models.preprocess.series import SeriesError
     from models.volume import Volume
 
@@ -36,8 +40,14 @@ def run(ctx: StepContext, previous: dict) -> dict:
         volume = Volume.load(volume_file)
     except (ValueError, KeyError, OSError) as exc:
         raise StepError(f"work item volume.npz is unreadable: {exc}") from exc
+    intracranial = None
+    if (work_item / INTRACRANIAL).is_file():
+        try:
+            intracranial = load_mask(work_item / INTRACRANIAL)
+        except (ValueError, KeyError, OSError) as exc:
+            raise StepError(f"work item intracranial.npz is unreadable: {exc}") from exc
     try:
-        result, masks = analyze_volume(volume, ctx.settings)
+        result, masks = analyze_volume(volume, ctx.settings, intracranial=intracranial)
     except SeriesError as exc:
         raise StepError(f"series not analysable: {exc}") from exc
     except BundleError as exc:

@@ -4,7 +4,8 @@ Reads what ``prepare`` wrote to ``ctx.job_dir`` (``volume.npz``, ``series.json``
 volume (``deid.deface_mode``), and writes:
 
 * ``ctx.work_item_dir(pseudo_id)`` — ``volume.npz`` (defaced voxels, affine, an allow-list of
-  technical meta) and ``item.json`` (pseudonymous study/series/slice UIDs, geometry, defacing
+  technical meta), ``intracranial.npz`` (the cranial-cavity mask the models' input is
+  restricted to, found on the original voxels; defacing never writes inside it) and ``item.json`` (pseudonymous study/series/slice UIDs, geometry, defacing
   facts). No name, ID, date, accession number or original UID: this is all a gpu worker sees.
 * ``ctx.job_dir/defaced/`` — the original instances with defaced pixels and a PS3.15 Annex E
   de-identified header (for research archives via routing).
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pydicom
 
+from models.preprocess.cavity import CavityNotFound, intracranial_mask, save_mask
 from models.volume import Volume
 from node.logs import uid_ref
 from workers.context import StepContext, StepError
@@ -35,6 +37,7 @@ from workers.deid.series import write_copy
 log = logging.getLogger(__name__)
 
 ITEM_FILE = "item.json"
+INTRACRANIAL_FILE = "intracranial.npz"
 COPY_DIR = "defaced"
 # Technical meta a model or a reviewer may use. Strings are allowed only for these keys; other
 # keys pass only with a number or boolean value (an unknown string could be anything).
@@ -73,10 +76,13 @@ def _seed(pseudo: Pseudonymizer, series_uid: str) -> int:
     return int.from_bytes(pseudo.digest("deface-seed", series_uid)[:8], "big")
 
 
-def _write_work_item(work: Path, volume: Volume, item: dict) -> None:
+def _write_work_item(work: Path, volume: Volume, intracranial, item: dict) -> None:  # noqa: ANN001
     tmp = work / "volume.tmp.npz"
     volume.save(tmp)
     os.replace(tmp, work / "volume.npz")
+    tmp = work / "intracranial.tmp.npz"
+    save_mask(tmp, intracranial)
+    os.replace(tmp, work / INTRACRANIAL_FILE)
     tmp = work / (ITEM_FILE + ".tmp")
     tmp.write_text(json.dumps(item, indent=1), encoding="utf-8")
     os.replace(tmp, work / ITEM_FILE)
@@ -115,15 +121,21 @@ def run(ctx: StepContext, previous: dict) -> dict:
         raise StepError(f"not de-identified: {exc}") from exc
 
     defacing: dict = {"mode": mode}
-    hu = volume.hu
+    hu, intracranial = volume.hu, None
     if mode != "off":
         try:
             result = deface(volume, mode, seed=_seed(pseudo, series_uid))
         except DefaceError as exc:
             raise StepError(f"not defaced: {exc}") from exc
-        hu = result.volume.hu
+        hu, intracranial = result.volume.hu, result.intracranial
         defacing.update(replaced_voxels=int(result.replaced.sum()),
                         seconds=round(result.seconds, 3), **result.info)
+
+    if intracranial is None:  # mosmed and off modes: the models still see only the cavity
+        try:
+            intracranial = intracranial_mask(volume)
+        except CavityNotFound as exc:
+            raise StepError(f"not analysable: {exc}") from exc
 
     n_copied = _write_copy(ctx.job_dir, paths, hu, deidentifier)
 
@@ -141,7 +153,7 @@ def run(ctx: StepContext, previous: dict) -> dict:
         "meta": meta,
         "defacing": defacing,
     }
-    _write_work_item(work, Volume(hu=hu, affine=volume.affine, meta=meta), item)
+    _write_work_item(work, Volume(hu=hu, affine=volume.affine, meta=meta), intracranial, item)
 
     rows = [("uid", o, p) for o, p in deidentifier.uid_map.items()]
     rows += [("uid", u, pseudo.uid(u)) for u in [study_uid, series_uid, *originals]]
