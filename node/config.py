@@ -139,6 +139,37 @@ class QueueSection(Section):
     dispatch_interval_s: float = Field(
         1.0, gt=0, description="How often the dispatcher hands new jobs to the broker"
     )
+    requeue_after_s: float = Field(
+        300.0, ge=0,
+        description="Re-publish a QUEUED job whose message is in no Redis queue and held by no "
+        "worker after this long without progress (0 = never; not checked with the embedded "
+        "filesystem transport)",
+    )
+    requeue_max: int = Field(
+        3, ge=1, le=20,
+        description="Re-publishes of one job (lost message or lost worker) before it is failed",
+    )
+
+    # Derived time limits, kept here so their order is visible in one place:
+    # a step's silence < running_lost_after_s < broker_visibility_timeout_s.
+    @property
+    def longest_retry_delay_s(self) -> float:
+        """Longest countdown before a step's last retry (the job row is silent meanwhile)."""
+        return self.retry_backoff_s * 2 ** max(0, self.max_attempts - 2)
+
+    @property
+    def running_lost_after_s(self) -> float:
+        """A RUNNING job without any row update for this long lost its worker (host died):
+        a live worker updates the row at least at every start, retry note and finish."""
+        return self.task_timeout_s + self.longest_retry_delay_s + 60.0
+
+    @property
+    def broker_visibility_timeout_s(self) -> int:
+        """Redis redelivers an unacknowledged message after this long. Longer than a worker
+        can legitimately hold one (run + retry countdowns) — a redelivery keeps the token, so
+        an early one could run a step twice — and longer than running_lost_after_s, so the
+        node's re-dispatch with a new token comes first and the late copy is dropped."""
+        return int(self.task_timeout_s + self.retry_backoff_s * 2 ** self.max_attempts + 300)
 
 
 class Destination(Section):

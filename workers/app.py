@@ -14,7 +14,9 @@ token, and a message whose token is no longer the job's current one is dropped (
 
 from __future__ import annotations
 
+import base64
 import importlib
+import json
 from pathlib import Path
 
 from celery import Celery, signals
@@ -63,10 +65,9 @@ def _transport_options(settings: Settings) -> dict:
             folder.mkdir(parents=True, exist_ok=True)
         return {**{k: str(v) for k, v in folders.items()}, "store_processed": False,
                 "polling_interval": 0.25}
-    # Redis: an unacknowledged message comes back after visibility_timeout; keep it longer
-    # than a task can legitimately hold one (run time + its retry delays).
-    longest_backoff = q.retry_backoff_s * (2 ** q.max_attempts)
-    options = {"visibility_timeout": int(q.task_timeout_s + longest_backoff + 300),
+    # Redis: an unacknowledged message comes back after visibility_timeout (why this value:
+    # QueueSection.broker_visibility_timeout_s).
+    options = {"visibility_timeout": q.broker_visibility_timeout_s,
                "socket_connect_timeout": 3, "socket_timeout": 10}
     if q.queue_prefix:
         options["global_keyprefix"] = q.queue_prefix
@@ -118,6 +119,52 @@ def create_app(settings: Settings) -> Celery:
 
     tasks.register(app)
     return app
+
+
+def tokens_in_broker(app: Celery, tokens: set[str]) -> set[str] | None:
+    """The dispatch tokens among ``tokens`` that still have a message in the broker: waiting in
+    one of our queues or held, unacknowledged, by a worker. None when the transport cannot tell:
+    the embedded filesystem transport deletes a message file as soon as a worker takes it."""
+    if not tokens:
+        return set()
+    with app.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=3)
+        if conn.transport.driver_type != "redis":
+            return None
+        raw = _redis_messages(conn.default_channel, [q.name for q in app.conf.task_queues])
+    found: set[str] = set()
+    for item in raw:
+        body = _message_body(item)
+        found.update(token for token in tokens if token in body)
+    return found
+
+
+def _redis_messages(channel, queues: list[str]) -> list[bytes]:  # noqa: ANN001 - kombu Channel
+    """Every message in our queue lists (all priority sub-lists) and in the unacked hash.
+    Keys are prefixed by hand: kombu's prefixing client only prefixes the commands it uses."""
+    prefix = channel.global_keyprefix
+    client = channel.client
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            for pri in channel.priority_steps:
+                key = f"{queue}{channel.sep}{pri}" if pri else queue
+                pipe.lrange(prefix + key, 0, -1)
+        pipe.hvals(prefix + channel.unacked_key)
+        return [item for items in pipe.execute() for item in items]
+
+
+def _message_body(raw: bytes) -> str:
+    """The decoded body (task args, with the token, and the rest of the chain) of one stored
+    message: a queue entry is the message, an unacked entry ``[message, exchange, key]``."""
+    try:
+        data = json.loads(raw)
+        message = data[0] if isinstance(data, list) else data
+        body = message.get("body", "")
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body).decode("utf-8", "replace")
+        return body if isinstance(body, str) else ""
+    except (ValueError, TypeError, AttributeError, IndexError):
+        return ""  # not one of ours (another app on the same keys): never matches a token
 
 
 def check_step_modules(settings: Settings) -> None:
