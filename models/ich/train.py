@@ -47,8 +47,8 @@ class TrainConfig:
     seed: int = 0
     matrix: int = 128
     thickness: float | None = 5.0
-    spacing_mm: float = 3.0
-    size: int = 96
+    spacing_mm: float = 2.0  # model grid: 2 mm pixels, a 224 mm window holds any cranial cavity
+    size: int = 112
     lr: float = 2e-3
     batch_studies: int = 2
     slices_per_study: int = 10  # segmentation: slices drawn from each augmented study

@@ -72,24 +72,18 @@ def find_cavity(volume: Volume, params: CavityParams | None = None) -> Cavity:
 
 def intracranial_mask(volume: Volume, params: CavityParams | None = None,
                       cavity: Cavity | None = None) -> np.ndarray:
-    """bool (k, j, i) on the volume's grid: the cavity grown in plane by ``margin_mm``.
+    """bool (k, j, i) on the volume's grid: the cavity and the voxel ring around it in plane.
 
-    The voxel ring touching the cavity in plane is always added (at coarse pixels, partial-volume
-    voxels at the inner table where a thin subdural collection lies), then ``margin_mm``.
-    In-plane growth only (no whole neighbouring slice is added), within the coarse-grid slack:
-    always a subset of what the defacer protects (the cavity's 26-neighbour shell grown by at
-    least as much in 3D).
+    The ring (8-neighbours on the coarse grid, about 1 mm) holds the partial-volume voxels at
+    the inner table, where a thin subdural collection lies at coarse pixels. In-plane only: no
+    whole neighbouring slice is added. Always a subset of what the defacer protects (the
+    cavity's 26-neighbour shell and more), so defacing never writes what the models see.
     """
-    p = params or CavityParams()
-    found = cavity or find_cavity(volume, p)
-    grid = found.grid
-    reach = p.margin_mm + grid.slack_mm
+    found = cavity or find_cavity(volume, params or CavityParams())
     ring = np.zeros((3, 3, 3), dtype=bool)
-    ring[1] = True  # 8-neighbours in the slice
-    shell = ndimage.binary_dilation(found.mask, structure=ring)
-    spacing = (1e6, *grid.coarse_spacing[1:])  # through-plane distance never counts
-    grown = ndimage.distance_transform_edt(~shell, sampling=spacing) <= reach
-    return np.stack([grid.upsample_slice(s) for s in grown])
+    ring[1] = True
+    grown = ndimage.binary_dilation(found.mask, structure=ring)
+    return np.stack([found.grid.upsample_slice(s) for s in grown])
 
 
 def keep_intracranial(hu: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ def _progress(items: Iterable, description: str, total: int) -> Iterable:
 def _train(kind: str, studies: int, val_studies: int, epochs: int, out: Optional[Path], seed: int,
            dataset: str, matrix: int, thickness: float, cache: Optional[Path],
            max_minutes: Optional[float], threads: int, init: Optional[Path],
-           lr: float) -> None:
+           lr: float, spacing_mm: float, size: int, segment_bundle: Optional[Path]) -> None:
     import logging
 
     from models.ich.train import TrainConfig, train
@@ -34,7 +34,8 @@ def _train(kind: str, studies: int, val_studies: int, epochs: int, out: Optional
     cfg = TrainConfig(kind=kind, out=out, studies=studies, val_studies=val_studies, epochs=epochs,
                       seed=seed, dataset=dataset, matrix=matrix, thickness=thickness or None,
                       cache_dir=cache or (Path("var") / "cache" / "phantoms"),
-                      max_minutes=max_minutes, threads=threads, init=init, lr=lr)
+                      max_minutes=max_minutes, threads=threads, init=init, lr=lr,
+                      spacing_mm=spacing_mm, size=size, segment_bundle=segment_bundle)
     try:
         path = train(cfg, _progress)
     except (ValueError, FileNotFoundError) as exc:
@@ -62,9 +63,13 @@ def register(app: typer.Typer, train_app: typer.Typer, evaluate_app: typer.Typer
             threads: int = typer.Option(2, min=1, help="CPU threads"),
             init: Optional[Path] = typer.Option(None, help="Fine-tune from this bundle's weights"),
             lr: float = typer.Option(2e-3, help="Peak learning rate (one-cycle schedule)"),
+            spacing_mm: float = typer.Option(2.0, help="Model grid pixel (mm)"),
+            size: int = typer.Option(112, help="Model window (pixels, square)"),
+            segment_bundle: Optional[Path] = typer.Option(
+                None, help="triage: the segmenter whose probabilities it sees (default: demo)"),
         ) -> None:
             _train(kind, studies, val_studies, epochs, out, seed, dataset, matrix, thickness,
-                   cache, max_minutes, threads, init, lr)
+                   cache, max_minutes, threads, init, lr, spacing_mm, size, segment_bundle)
 
         command.__doc__ = f"Train the {kind} model and write a verified bundle."
         return command
