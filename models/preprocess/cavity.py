@@ -3,7 +3,7 @@
 Both the defacer (:mod:`workers.deid.deface`) and the models' preprocessing need the same region:
 the soft content enclosed by the skull. The defacer protects it (plus margins) and writes
 outside it; the models see only it (everything else is set to air). So by construction the
-models' input is the same before and after defacing, and a tumour of scalp, a headrest or the
+models' input is the same before and after defacing, and a scalp haematoma, a headrest or the
 face can never drive a finding.
 
 How the cavity is found (on a grid block-reduced in plane to ~0.8 mm, slices kept):
@@ -38,7 +38,7 @@ class CavityParams:
     # on a fossa floor) count as cavity, as a "brain fraction >= 0.5" mask would.
     content_hu: tuple[float, float] = (-50.0, 1000.0)  # fat (orbits, scalp) is not content
     coarse_mm: float = 0.8  # in-plane working resolution for the 3D morphology
-    margin_mm: float = 1.5  # shell around the cavity (beyond the coarse-grid slack)
+    margin_mm: float = 1.5  # the defacer's protected shell around the cavity (+ coarse-grid slack)
     close_mm: float = 15.0  # seals sutures, ear canals, fissures before the ring is filled
     close_small_mm: float = 4.0  # ... and a small one keeps small rings (atlas, vertex)
     close_mid_mm: float = 8.0  # coronal and sagittal planes
