@@ -164,3 +164,51 @@ def test_cli_models_and_analyze(bundles, tmp_path, monkeypatch):
     monkeypatch.setenv("ICHNODE_MODELS__TRIAGE", str(tmp_path / "missing"))
     res = runner.invoke(app, ["analyze", str(tmp_path / "dcm")])
     assert res.exit_code == 1 and "does not exist" in res.output and "Traceback" not in res.output
+
+
+def test_models_see_only_the_intracranial_mask(bundles):
+    """Voxels outside the mask never reach the models: changing them changes nothing, and
+    masks stay inside it; a volume without a cranial cavity is refused with a clear reason."""
+    from models.preprocess.cavity import intracranial_mask
+    from models.preprocess.series import SeriesError
+
+    volume, _, _ = labelled_head(5, bleed=True)
+    inside = intracranial_mask(volume)
+    assert 0 < inside.sum() < inside.size
+    noisy = type(volume)(hu=volume.hu.copy(), affine=volume.affine.copy())
+    noisy.hu[~inside] = np.random.default_rng(0).uniform(-1000, 2000, int((~inside).sum()))
+    a, masks_a = analyze_volume(volume, bundles, intracranial=inside)
+    b, masks_b = analyze_volume(noisy, bundles, intracranial=inside)
+    for label in LABELS:
+        assert a.findings[label].probability == pytest.approx(b.findings[label].probability, abs=1e-6)
+    names = ("hematoma", "ventricle_left", "ventricle_right")
+    assert any(masks_a[name].any() for name in names)  # something to compare
+    for name in names:
+        np.testing.assert_array_equal(masks_a[name], masks_b[name])
+        assert not (masks_a[name] & ~inside).any()
+    with pytest.raises(SeriesError, match="does not match"):
+        analyze_volume(volume, bundles, intracranial=inside[1:])
+    air = type(volume)(hu=np.full_like(volume.hu, -1000), affine=volume.affine)
+    with pytest.raises(SeriesError, match="no cranial cavity"):
+        analyze_volume(air, bundles)
+
+
+def test_cli_analyze_uses_the_work_items_own_mask(bundles, tmp_path, monkeypatch):
+    from models.preprocess.cavity import save_mask
+    from node.cli.main import app
+
+    monkeypatch.setenv("ICHNODE_MODELS__TRIAGE", str(bundles.models.triage))
+    monkeypatch.setenv("ICHNODE_MODELS__SEGMENT", str(bundles.models.segment))
+    volume, _, _ = labelled_head(6, bleed=True)
+    volume.save(tmp_path / "volume.npz")
+    only = np.zeros(volume.hu.shape, dtype=bool)
+    only[:, 20:40, 20:40] = True  # a mask unlike the cavity: proves the file is read
+    save_mask(tmp_path / "intracranial.npz", only)
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path / "volume.npz"), "--masks",
+                                   str(tmp_path / "m.npz")])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "m.npz") as m:
+        names = ("hematoma", "ventricle_left", "ventricle_right")
+        assert any(m[name].any() for name in names)
+        for name in names:
+            assert not (m[name] & ~only).any()

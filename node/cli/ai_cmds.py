@@ -132,13 +132,19 @@ def register(app: typer.Typer, train_app: typer.Typer, evaluate_app: typer.Typer
         from models.preprocess.series import SeriesError, load_series
         from models.volume import Volume
 
+        from models.preprocess.cavity import load_mask
+
         try:
+            intracranial = None
             if path.suffix == ".npz":
                 volume = Volume.load(path)
+                # A work item's own mask (found on the original voxels by the deid step).
+                if (path.parent / "intracranial.npz").is_file():
+                    intracranial = load_mask(path.parent / "intracranial.npz")
             else:
                 files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
                 volume = load_series(files)
-            result, mask_arrays = analyze_volume(volume, STATE.settings())
+            result, mask_arrays = analyze_volume(volume, STATE.settings(), intracranial=intracranial)
         except (SeriesError, BundleError, FileNotFoundError) as exc:
             fail(str(exc))
         if masks:
