@@ -66,7 +66,7 @@ def register(app: typer.Typer, train_app: typer.Typer, evaluate_app: typer.Typer
             spacing_mm: float = typer.Option(2.0, help="Model grid pixel (mm)"),
             size: int = typer.Option(112, help="Model window (pixels, square)"),
             segment_bundle: Optional[Path] = typer.Option(
-                None, help="triage: the segmenter whose probabilities it sees (default: demo)"),
+                None, help="triage: the segmenter whose probabilities it sees (default: the demo one)"),
         ) -> None:
             _train(kind, studies, val_studies, epochs, out, seed, dataset, matrix, thickness,
                    cache, max_minutes, threads, init, lr, spacing_mm, size, segment_bundle)
