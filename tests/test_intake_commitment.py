@@ -89,7 +89,12 @@ def _rows(index) -> list[Send]:  # noqa: ANN001
         return list(s.scalars(select(Send).order_by(Send.id)))
 
 
-def _wait_states(index, want: set[SendState], timeout: float = 15) -> list[Send]:  # noqa: ANN001
+# Orthanc sends its N-EVENT-REPORT from its job engine on a new association; on a loaded CI
+# machine that once took longer than 15 s. The waits return as soon as the report is applied.
+REPORT_WAIT_S = 60.0
+
+
+def _wait_states(index, want: set[SendState], timeout: float = REPORT_WAIT_S) -> list[Send]:  # noqa: ANN001
     end = time.monotonic() + timeout
     while True:
         rows = _rows(index)
@@ -155,7 +160,7 @@ def test_orthanc_failed_reference_goes_back_to_pending(tmp_path):
             uid, error = commitment.request(assoc, refs)
             assoc.release()
             assert error is None and uid
-            assert commitment.wait(uid, 15), "no N-EVENT-REPORT from Orthanc"
+            assert commitment.wait(uid, REPORT_WAIT_S), "no N-EVENT-REPORT from Orthanc"
         finally:
             service.stop()
         rows = {r.id: r for r in _rows(index)}
