@@ -4,6 +4,7 @@ real Celery workers (Redis or the embedded filesystem transport) started as subp
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import select
 
 from node.config import Settings
-from node.index import Index, Study, utcnow
+from node.index import Index, Instance, Series, Study, utcnow
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -224,3 +226,23 @@ def job_row(index: Index, job_id: int):
 
     with index.session() as s:
         return s.get(Job, job_id)
+
+
+def block_one_file(settings, index: Index, job_id: int) -> tuple[Path, Path]:  # noqa: ANN001
+    """Swap one spool file of the selected series for a FIFO, so the step blocks opening it
+    (a worker held mid-task on demand); returns (path, saved copy)."""
+    with index.session() as s:
+        study = s.get(Study, job_row(index, job_id).study_id)
+        rel = s.execute(select(Instance.path).join(Series).where(
+            Series.series_uid == study.selected_series_uid)).scalars().first()
+    path = settings.storage.spool_dir / rel
+    saved = path.with_suffix(".saved")
+    os.replace(path, saved)
+    os.mkfifo(path)
+    return path, saved
+
+
+def unblock(path: Path, saved: Path) -> None:
+    tmp = path.with_suffix(".new")
+    shutil.copyfile(saved, tmp)
+    os.replace(tmp, path)  # the blocked open() keeps waiting on the old FIFO inode

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import redis
-from queue_helpers import (WorkerProcess, free_port, head_study, index_files, job_row,
-                           queue_settings, wait_for)
+from queue_helpers import (WorkerProcess, block_one_file, free_port, head_study, index_files,
+                           job_row, queue_settings, unblock, wait_for)
 from sqlalchemy import select
 
 from models.volume import Volume
@@ -57,28 +55,9 @@ def _check_prepared(settings, index, job_id: int, specs, slices: int = SLICES) -
     assert volume.hu[:, 256, 256].max() >= 35  # brain, not air: pixels really loaded
 
 
-def _block_one_file(settings, index, job_id: int) -> tuple[Path, Path]:
-    """Swap one spool file of the selected series for a FIFO; returns (path, saved copy)."""
-    with index.session() as s:
-        study = s.get(Study, job_row(index, job_id).study_id)
-        rel = s.execute(select(Instance.path).join(Series).where(
-            Series.series_uid == study.selected_series_uid)).scalars().first()
-    path = settings.storage.spool_dir / rel
-    saved = path.with_suffix(".saved")
-    os.replace(path, saved)
-    os.mkfifo(path)
-    return path, saved
-
-
 def _study_uid(index, job_id: int) -> str:
     with index.session() as s:
         return s.get(Study, job_row(index, job_id).study_id).study_uid
-
-
-def _unblock(path: Path, saved: Path) -> None:
-    tmp = path.with_suffix(".new")
-    shutil.copyfile(saved, tmp)
-    os.replace(tmp, path)  # the blocked open() keeps waiting on the old FIFO inode
 
 
 @pytest.fixture(scope="module")
@@ -134,14 +113,14 @@ def test_embedded_worker_killed_mid_task_job_rerun(embedded, tmp_path):
     sup = WorkerSupervisor(settings, on_restart=dispatcher.redispatch_unfinished).start()
     try:
         job_id, specs = _new_job(settings, index, tmp_path)
-        fifo, saved = _block_one_file(settings, index, job_id)
+        fifo, saved = block_one_file(settings, index, job_id)
         dispatcher.dispatch_pending()
         wait_for(lambda: job_row(index, job_id).state == JobState.RUNNING, 60, what="running")
         first_token = job_row(index, job_id).celery_id
         pid = sup.pid
         os.killpg(pid, 9)
         wait_for(lambda: sup.restarts == 1 and sup.pid != pid, 30, what="worker restarted")
-        _unblock(fifo, saved)
+        unblock(fifo, saved)
         wait_for(lambda: job_row(index, job_id).state == JobState.DONE, 90, what="job re-run")
         job = job_row(index, job_id)
         assert job.celery_id != first_token  # re-dispatched with a new token
@@ -283,11 +262,11 @@ def test_redis_pool_process_killed_mid_task_is_redelivered(redis_queue, tmp_path
     """kill -9 of the process running the task: late ack + reject_on_worker_lost re-run it."""
     settings, index, worker = redis_queue
     job_id, specs = _new_job(settings, index, tmp_path)
-    fifo, saved = _block_one_file(settings, index, job_id)
+    fifo, saved = block_one_file(settings, index, job_id)
     Dispatcher(settings, index).dispatch_pending()
     wait_for(lambda: job_row(index, job_id).state == JobState.RUNNING, 60, what="running")
     token = job_row(index, job_id).celery_id
-    _unblock(fifo, saved)
+    unblock(fifo, saved)
     children = worker.children()
     assert children
     for pid in children:

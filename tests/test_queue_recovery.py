@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import uuid
 from datetime import timedelta
@@ -26,13 +25,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from queue_helpers import (WorkerProcess, head_study, index_files, job_row, queue_settings,
-                           wait_for)
+from queue_helpers import (WorkerProcess, block_one_file, head_study, index_files, job_row,
+                           queue_settings, unblock, wait_for)
 from sqlalchemy import func, select, update
 
 from node.assembly import Assembler
 from node.dispatcher import Dispatcher
-from node.index import AuditEvent, Instance, Job, JobState, Series, Study, open_index, utcnow
+from node.index import AuditEvent, Job, JobState, open_index, utcnow
 from workers.app import _message_body
 
 REDIS_DB = 14
@@ -157,23 +156,15 @@ def _sweep_until(dispatcher: Dispatcher, index, job_id: int, old_token: str) -> 
     return job_row(index, job_id)
 
 
-def _block_one_file(settings, index, job_id: int) -> tuple[Path, Path]:
-    """Swap one spool file of the selected series for a FIFO: the step blocks opening it."""
-    with index.session() as s:
-        study = s.get(Study, job_row(index, job_id).study_id)
-        rel = s.execute(select(Instance.path).join(Series).where(
-            Series.series_uid == study.selected_series_uid)).scalars().first()
-    path = settings.storage.spool_dir / rel
-    saved = path.with_suffix(".saved")
-    os.replace(path, saved)
-    os.mkfifo(path)
-    return path, saved
-
-
-def _unblock(path: Path, saved: Path) -> None:
-    tmp = path.with_suffix(".new")
-    shutil.copyfile(saved, tmp)
-    os.replace(tmp, path)
+def _assert_old_dropped_new_ran(node, job_id: int, worker, old_id: str, new_id: str) -> None:  # noqa: ANN001
+    """Both messages reach ``worker``: the old one is dropped as stale, the new one runs once."""
+    wait_for(lambda: job_row(node.index, job_id).state in (JobState.DONE, JobState.FAILED), 60,
+             what="job done")
+    wait_for(lambda: node.client.llen(node.queue_key) == 0
+             and node.client.hlen(node.unacked_key) == 0, 10, what="both messages acknowledged")
+    _check_done_once(node, job_id, worker)
+    assert _worker_lines(worker, "stale message dropped", job_id) == 1
+    assert _task_outcomes(worker) == {old_id: "ignored", new_id: "succeeded"}
 
 
 # ---------------------------------------------------------------- lost message
@@ -203,13 +194,7 @@ def test_lost_message_is_republished_and_the_study_runs_once(redis_node, tmp_pat
     # queue: the worker takes it first and must drop it (its token is no longer the job's).
     node.client.rpush(node.queue_key, old_message)
     worker = node.worker("worker")
-    wait_for(lambda: job_row(node.index, job_id).state in (JobState.DONE, JobState.FAILED), 60,
-             what="job done")
-    wait_for(lambda: node.client.llen(node.queue_key) == 0
-             and node.client.hlen(node.unacked_key) == 0, 10, what="both messages acknowledged")
-    _check_done_once(node, job_id, worker)
-    assert _worker_lines(worker, "stale message dropped", job_id) == 1
-    assert _task_outcomes(worker) == {old_id: "ignored", new_id: "succeeded"}
+    _assert_old_dropped_new_ran(node, job_id, worker, old_id, new_id)
     assert dispatcher.requeue_lost() == 0 and _audits(node.index, job_id, "requeued") == 1
 
 
@@ -280,7 +265,7 @@ def test_dead_worker_host_job_is_redone_exactly_once(redis_node, tmp_path):
     node = redis_node()
     q = node.settings.queue
     job_id = _new_job(node.settings, node.index, tmp_path)
-    fifo, saved = _block_one_file(node.settings, node.index, job_id)
+    fifo, saved = block_one_file(node.settings, node.index, job_id)
     dead = node.worker("dead-host")
     dispatcher = Dispatcher(node.settings, node.index)
     dispatcher.dispatch_pending()
@@ -312,15 +297,9 @@ def test_dead_worker_host_job_is_redone_exactly_once(redis_node, tmp_path):
         conn.default_channel.qos.restore_visible(num=10, interval=1)
     assert node.client.hlen(node.unacked_key) == 0 and node.client.llen(node.queue_key) == 2
 
-    _unblock(fifo, saved)
+    unblock(fifo, saved)
     worker = node.worker("new-host")
-    wait_for(lambda: job_row(node.index, job_id).state in (JobState.DONE, JobState.FAILED), 60,
-             what="job redone")
-    wait_for(lambda: node.client.hlen(node.unacked_key) == 0
-             and node.client.llen(node.queue_key) == 0, 10, what="both messages acknowledged")
-    _check_done_once(node, job_id, worker)
-    assert _worker_lines(worker, "stale message dropped", job_id) == 1
-    assert _task_outcomes(worker) == {old_id: "ignored", new_id: "succeeded"}
+    _assert_old_dropped_new_ran(node, job_id, worker, old_id, new_id)
 
 
 # ---------------------------------------------------------------- without Redis
