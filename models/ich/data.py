@@ -165,8 +165,11 @@ def _float(value) -> float | None:  # noqa: ANN001
 def phantom_case(seed: int, frame_args: dict, matrix: int = 128, thickness: float | None = 5.0,
                  cache_dir: Path | None = None) -> Case:
     """One phantom study as a Case (cached by seed and parameters when ``cache_dir`` is given)."""
-    # "-ic": intracranial input (older caches held the whole head).
-    key = f"phantom-{seed}-m{matrix}-t{thickness}-s{frame_args['spacing_mm']}-{frame_args['size']}-ic"
+    from models.phantom import GENERATOR_VERSION
+
+    # "-ic": intracranial input (older caches held the whole head); "-g": generator version.
+    key = (f"phantom-{seed}-m{matrix}-t{thickness}-s{frame_args['spacing_mm']}-{frame_args['size']}"
+           f"-ic-g{GENERATOR_VERSION}")
     path = cache_dir / f"{key}.npz" if cache_dir else None
     if path and path.exists():
         return Case.load(path)

@@ -6,11 +6,15 @@
 See docs/phantom.md for the frames, parameters, DICOM encoding and measured figures.
 """
 
+# Bumped whenever the same seed renders different images, so caches of rendered cases expire.
+# 2: soft-kernel sharpening no longer rings below the inner table (docs/phantom.md).
+GENERATOR_VERSION = 2
+
 from models.phantom.generate import MASK_NAMES, PhantomStudy, generate_study
 from models.phantom.spec import SUBTYPES, PhantomSpec
 
-__all__ = ["MASK_NAMES", "SUBTYPES", "PhantomSpec", "PhantomStudy", "generate_study",
-           "write_dicom_series", "write_labels", "write_localizer"]
+__all__ = ["GENERATOR_VERSION", "MASK_NAMES", "SUBTYPES", "PhantomSpec", "PhantomStudy",
+           "generate_study", "write_dicom_series", "write_labels", "write_localizer"]
 
 
 def __getattr__(name):  # writers import pydicom: load them only when used

@@ -17,6 +17,7 @@ from models.phantom.geometry import upsample_inplane
 from models.phantom.spec import PhantomSpec, rng_for
 
 HU_MIN, HU_MAX = -1024, 3071
+SOFT_EDGE_HU = (-150.0, 150.0)  # range a soft kernel's edge enhancement acts on
 
 
 def noise_sigma(spec: PhantomSpec, pixel_mm: float) -> float:
@@ -129,8 +130,13 @@ def finish(c: Canvas, spec: PhantomSpec, kernel: str | None = None,
     else:  # soft kernels differ in sharpness between vendors/sites (H31s vs J40s vs FC26...)
         amount = float(rng_for(spec.seed, "kernel-sharpness").uniform(-0.3, 0.5))
         if abs(amount) > 0.05:
-            blur = ndimage.gaussian_filter(img, (0, 0.8, 0.8))
-            img = img + F32(amount) * (img - blur)
+            # Sharpen the soft-tissue range only. A linear unsharp mask across the ~1800 HU step
+            # of the inner table rang 100-250 HU below air-free brain in the first millimetres
+            # (where thin subdural blood lies); brain kernels with bone-edge correction / iterative
+            # reconstruction keep that rim within a few tens of HU.
+            soft = np.clip(img, SOFT_EDGE_HU[0], SOFT_EDGE_HU[1])
+            blur = ndimage.gaussian_filter(soft, (0, 0.8, 0.8))
+            img = img + F32(amount) * (soft - blur)
     # upsampling by f scales white noise SD by ~(0.75^2 + 0.25^2) per axis (f = 2)
     gain = {1: 1.0, 2: 0.625, 4: 0.52}[f]
     score = getattr(c, "bone_score", np.zeros(img.shape[0], F32))
