@@ -7,7 +7,8 @@ import pytest
 
 from models.phantom import PhantomSpec, generate_study
 from models.volume import Volume
-from workers.deid.deface import ANTERIOR, DefaceError, deface, head_frame
+from models.preprocess.cavity import intracranial_mask
+from workers.deid.deface import ANTERIOR, DefaceError, IchnodeParams, deface, head_frame
 from workers.deid.evaluate import score
 
 
@@ -47,8 +48,24 @@ def test_ichnode_destroys_face_and_ears(phantom, ichnode):
     assert s["face_soft_destroyed"] >= 0.85, s
     assert s["face_destroyed"] >= 0.75, s
     assert s["ears_destroyed"] >= 0.9, s
-    # Replaced by air, not by something that keeps the shape.
-    assert np.all(ichnode.volume.hu[ichnode.replaced] == -1000)
+    # Replaced by air, or (the dense wall of the cavity in the face zone) by one constant bone
+    # value: nothing of the original values is left, and the wall stays closed.
+    params = IchnodeParams()
+    values = ichnode.volume.hu[ichnode.replaced]
+    assert set(np.unique(values)) <= {-1000, params.wall_hu}
+    wall = ichnode.replaced & (ichnode.volume.hu == params.wall_hu)
+    assert wall.any()
+    assert np.all(study.volume.hu[wall] >= params.wall_from_hu)
+    assert not (wall & ichnode.intracranial).any() and not (wall & study.masks["brain"]).any()
+
+
+def test_defaced_copy_keeps_a_closed_wall(phantom, ichnode):
+    """The cavity is found again on the defaced voxels (a research copy can still be analysed):
+    with the face-zone wall replaced by air it leaked or shrank."""
+    found_again = intracranial_mask(ichnode.volume)
+    original = ichnode.intracranial
+    overlap = 2 * (found_again & original).sum() / (found_again.sum() + original.sum())
+    assert overlap >= 0.995
 
 
 def test_ichnode_finds_the_face_of_a_turned_head(phantom, ichnode):

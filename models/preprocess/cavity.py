@@ -80,10 +80,14 @@ def intracranial_mask(volume: Volume, params: CavityParams | None = None,
     cavity's 26-neighbour shell and more), so defacing never writes what the models see.
     """
     found = cavity or find_cavity(volume, params or CavityParams())
+    return np.stack([found.grid.upsample_slice(s) for s in with_ring(found.mask)])
+
+
+def with_ring(mask: np.ndarray) -> np.ndarray:
+    """A coarse-grid mask grown by its in-plane 8-neighbour ring (the models' input region)."""
     ring = np.zeros((3, 3, 3), dtype=bool)
     ring[1] = True
-    grown = ndimage.binary_dilation(found.mask, structure=ring)
-    return np.stack([found.grid.upsample_slice(s) for s in grown])
+    return ndimage.binary_dilation(mask, structure=ring)
 
 
 def keep_intracranial(hu: np.ndarray, mask: np.ndarray) -> np.ndarray:

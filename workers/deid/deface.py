@@ -21,7 +21,12 @@ the hull. It knows nothing of orientation, so a turned head gets its side painte
    coronal plane behind the ears, is replaced by air: nose, lips, eyes and orbits, facial bone,
    ears' soft tissue. Air rather than noise: it leaves nothing to reconstruct (no silhouette, since
    the whole region including the air around the face is replaced) and no fake structure for the
-   models to react to.
+   models to react to;
+4. inside the face zone, the dense part of the protected shell (orbital roofs, frontal bone next
+   to the frontal poles: voxels of at least ``wall_from_hu`` outside the models' ring and the
+   brain-like margin) becomes one constant bone value: its own values are destroyed, but the
+   cavity keeps a closed wall, so it is found again on the defaced copy (air there let the
+   cavity leak into the orbits).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from scipy import ndimage
 
 from models.preprocess.cavity import (AIR_HU, SUPERIOR, CavityNotFound, CavityParams, CoarseGrid,
                                      find_cavity, intracranial_mask, largest_component, main_body,
-                                     posterior_dir)
+                                     posterior_dir, with_ring)
 from models.volume import Volume
 
 __all__ = ["ANTERIOR", "SUPERIOR", "DefaceError", "DefaceResult", "IchnodeParams", "deface",
@@ -145,6 +150,12 @@ class IchnodeParams(CavityParams):
     tip_mm: float = 25.0  # deepest part of the cavity whose posterior footprint is carried down
     canal_drift_mm: float = 15.0  # most the canal may drift sideways below the cavity
     canal_half_width_mm: float = 25.0  # canal footprint: this close to the midline
+    # The cavity wall inside the face zone (orbital roofs, frontal bone): protected-shell voxels
+    # at least as dense as the cavity finder's upper content bound, outside the models' in-plane
+    # ring and the brain-like margin, become one constant bone value. The facial bone's own
+    # values are gone; a closed wall stays, so the cavity is found again on a defaced copy.
+    wall_hu: float | None = 1600.0  # None: keep the whole shell as it is
+    wall_from_hu: float = 1000.0  # = content_hu[1]: denser voxels are never cavity content
 
 
 def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> DefaceResult:
@@ -158,7 +169,7 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
     head_c = largest_component(grid.hu > -300)  # the head, not the table or headrest
     centre, anterior, both_sides, cues = _face_direction(grid, cavity, head_c, p)
     cavity = found.mask  # with the foramen magnum fill
-    protected_c = _protected_set(grid, cavity, centre, p)
+    protected_c, keep_c = _protected_set(grid, cavity, centre, p)
     extent = _extent_along(grid, cavity, anterior)
     scale = float(np.clip(extent / REFERENCE_AP_MM, 0.6, 1.4))
     top, back = p.top_mm * scale, p.back_mm * scale
@@ -173,10 +184,14 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
         zone = v < top
         if not both_sides:
             zone &= (xyz @ anterior) > back
+        wall = np.zeros_like(zone)
+        if p.wall_hu is not None:
+            wall = zone & prot & ~grid.upsample_slice(keep_c[k]) & (volume.hu[k] >= p.wall_from_hu)
+            hu[k][wall] = p.wall_hu
         zone &= ~prot
         hu[k][zone] = AIR_HU
-        replaced[k] = zone
-        protected[k] = prot
+        replaced[k] = zone | wall
+        protected[k] = prot & ~wall
     changed_protected = int(np.count_nonzero(hu[protected] != volume.hu[protected]))
     if changed_protected:  # cannot happen by construction; the check is the proof
         raise AssertionError(f"{changed_protected} protected voxels changed")
@@ -192,8 +207,9 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
 
 
 def _protected_set(grid: "CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
-                   p: IchnodeParams) -> np.ndarray:
-    """The never-written set on the coarse grid: cavity, its shell and margins, spinal canal."""
+                   p: IchnodeParams) -> tuple[np.ndarray, np.ndarray]:
+    """The never-written set on the coarse grid: cavity, its shell and margins, spinal canal;
+    and the part of it whose values must be kept (the rest is dense bone of the wall)."""
     # The margin includes the coarse-grid slack, so that upsampling the coarse mask can never
     # leave a full-resolution cavity voxel unprotected.
     reach = p.margin_mm + grid.slack_mm
@@ -210,9 +226,13 @@ def _protected_set(grid: "CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
     lo, hi = p.content_hu
     soft = (grid.hu > lo) & (grid.hu < hi)
     near = ndimage.distance_transform_edt(~cavity, sampling=grid.coarse_spacing)
-    protected |= soft & (near <= p.soft_margin_mm + grid.slack_mm)
-    _protect_canal(protected, cavity, grid, centre, p)
-    return protected
+    soft_near = soft & (near <= p.soft_margin_mm + grid.slack_mm)
+    canal = np.zeros_like(protected)
+    _protect_canal(canal, cavity, grid, centre, p)
+    # What keeps its values: the models' input (cavity + in-plane ring, as intracranial_mask),
+    # the brain-like margin and the canal. The rest of the shell is bony wall.
+    keep = with_ring(cavity) | soft_near | canal
+    return protected | soft_near | canal, keep
 
 
 def _slice_coordinates(affine: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:

@@ -12,9 +12,9 @@ def score(original: Volume, result: DefaceResult, face: np.ndarray, brain: np.nd
           ears: np.ndarray | None = None) -> dict:
     """Share of face voxels destroyed (replaced), and brain voxels changed (must be 0).
 
-    "Destroyed" counts voxels whose value was replaced by one that does not depend on it
-    (air or random values); "changed" compares values, so a face voxel that happened to be
-    replaced by its own value still counts as destroyed but not as changed.
+    "Destroyed" counts voxels whose value was replaced by one that does not depend on it (air,
+    random values or the constant wall bone); "changed" compares values, so a face voxel that
+    happened to be replaced by its own value still counts as destroyed but not as changed.
     """
     face = face.astype(bool)
     brain = brain.astype(bool)
