@@ -26,6 +26,14 @@ def test_operating_threshold_reaches_the_stated_sensitivity():
     assert (probs[labels == 1] >= t).mean() >= 0.95
     assert t > probs[labels == 1].min()  # not trivially the lowest positive
     assert operating_threshold(probs, np.zeros(100), 0.95) == 0.5
+    # The widest margin: midway (logit) between the positive at the quantile and the highest
+    # negative below it, so validation sensitivity and specificity are those of any threshold
+    # in that gap.
+    pos, neg = np.r_[0.3, np.linspace(0.97, 0.999, 19)], np.r_[0.05, 0.1, 0.8]
+    t = operating_threshold(np.r_[pos, neg], np.r_[np.ones(20), np.zeros(3)], 0.95)
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert 0.8 < t < 0.97
+    assert logit(t) == pytest.approx((logit(0.97) + logit(0.8)) / 2, abs=1e-3)
 
 
 def test_temperature_softens_overconfident_logits():
@@ -79,6 +87,16 @@ def test_tiny_triage_training_writes_a_calibrated_bundle(tmp_path, tiny_cases, t
     assert bundle.config["segment_sha256"] == load_bundle(tiny_segment, "segment").sha256
     assert bundle.metadata["sha256"] == bundle.sha256
     assert "NOT FOR CLINICAL USE" in bundle.metadata["intended_use"]
+    # Moving the operating point without retraining (models.ich.calibrate): a higher target
+    # sensitivity never raises a threshold; the weights and their checksum stay.
+    from models.ich.calibrate import recalibrate
+
+    low = recalibrate(path, tiny_segment, TrainConfig(kind="triage", out=path, target_sensitivity=0.5),
+                      val=tiny_cases[1])
+    high = recalibrate(path, tiny_segment, TrainConfig(kind="triage", out=path, target_sensitivity=1.0),
+                       val=tiny_cases[1])
+    assert high["operating_point"]["sensitivity"] == 1.0
+    assert all(high["thresholds"][k] <= low["thresholds"][k] for k in LABELS)
     # A segmenter on another model grid cannot feed this triage model.
     cfg.spacing_mm = 2.0
     with pytest.raises(ValueError, match="frame"):
@@ -109,3 +127,17 @@ def test_cli_train_segment_on_a_hichit_folder(tmp_path):
     assert load_bundle(tmp_path / "bundle", "segment").config["kind"] == "segment"
     res = runner.invoke(app, ["train", "segment", "--dataset", "nonsense"])
     assert res.exit_code == 1 and "Traceback" not in res.output
+
+
+def test_hard_examples_draw_high_loss_studies_more_often():
+    from models.ich.train import HardExamples
+
+    base = np.ones(4)
+    hard = HardExamples(4, power=1.0)
+    assert np.allclose(hard.weighted(base), 0.25)  # nothing seen yet: the base weights
+    hard.update([0, 1], [2.0, 0.5])
+    w = hard.weighted(base)
+    assert w[0] > w[2] == w[3] > w[1]  # unseen studies count as average
+    hard.update([0], [0.5])  # learnt: the running loss falls, and so does its weight
+    assert hard.weighted(base)[0] < w[0]
+    assert np.allclose(HardExamples(4, power=0.0).weighted(base * 2), 0.25)  # off

@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from models.ich.train import ProgressFn, TEST_BASE, _plain_progress, dice
-from models.results import LABELS
+from models.results import LABELS, SUBTYPES
 
 BARS = {
     "auc_any": 0.97, "auc_subtype": 0.93, "dice_hematoma": 0.85, "volume_abs_error_ml": 1.5,
@@ -90,6 +90,9 @@ def evaluate_phantoms(cfg: EvalConfig, settings=None, progress: ProgressFn = _pl
             "labels": truth["study_labels"],
             "probs": [result.findings[label].probability for label in LABELS],
             "dice_hematoma": dice(masks["hematoma"], true_hem) if true_hem.any() else None,
+            "hematoma_voxels": [int(masks["hematoma"].sum()), int(true_hem.sum()),
+                                int((masks["hematoma"] & true_hem).sum())],
+            "subtype_recall": subtype_recall(masks["hematoma"], study.masks),
             "dice_ventricle_left": dice(masks["ventricle_left"],
                                         np.asarray(study.masks["ventricle_left"], bool)),
             "dice_ventricle_right": dice(masks["ventricle_right"],
@@ -101,6 +104,37 @@ def evaluate_phantoms(cfg: EvalConfig, settings=None, progress: ProgressFn = _pl
         })
     thresholds = {label: bundles[0].config.get("thresholds", {}).get(label, 0.5) for label in LABELS}
     return summarise(rows, thresholds, cfg, time.time() - start, [b.sha256 for b in bundles[:2]])
+
+
+def subtype_recall(predicted: np.ndarray, true_masks: dict) -> dict:
+    """Share of each present subtype's voxels inside the predicted hematoma mask."""
+    out = {}
+    for subtype in SUBTYPES:
+        mask = true_masks.get(subtype)
+        if mask is not None and np.asarray(mask, bool).any():
+            mask = np.asarray(mask, bool)
+            out[subtype] = float((predicted & mask).sum() / mask.sum())
+    return out
+
+
+def by_subtype(rows: list[dict]) -> dict:
+    """Where the hematoma Dice is lost: per subtype, the voxel recall over studies holding it
+    and the Dice of studies holding only that subtype."""
+    out = {}
+    for subtype in SUBTYPES:
+        recall = [r["subtype_recall"][subtype] for r in rows if subtype in r.get("subtype_recall", {})]
+        alone = [r["dice_hematoma"] for r in rows if list(r.get("subtype_recall", {})) == [subtype]]
+        out[subtype] = {"studies": len(recall), "recall": _summary(recall),
+                        "dice_single_subtype": _summary(alone)}
+    return out
+
+
+def pooled_dice(rows: list[dict]) -> float | None:
+    """Dice over all positive studies' voxels together (large hematomas weigh more)."""
+    sums = np.array([r["hematoma_voxels"] for r in rows if r.get("dice_hematoma") is not None])
+    if sums.size == 0 or sums[:, :2].sum() == 0:
+        return None
+    return round(float(2 * sums[:, 2].sum() / sums[:, :2].sum()), 4)
 
 
 def summarise(rows: list[dict], thresholds: dict, cfg: EvalConfig, seconds: float,
@@ -127,6 +161,8 @@ def summarise(rows: list[dict], thresholds: dict, cfg: EvalConfig, seconds: floa
         fp = [r["pred_volume_ml"] for r, p in zip(rows, positive) if not p]
         out["segment"] = {
             "dice_hematoma": _summary(r["dice_hematoma"] for r in rows),
+            "dice_hematoma_pooled": pooled_dice(rows),
+            "hematoma_by_subtype": by_subtype(rows),
             "dice_ventricle_left": _summary(r["dice_ventricle_left"] for r in rows),
             "dice_ventricle_right": _summary(r["dice_ventricle_right"] for r in rows),
             "volume_abs_error_ml": _summary(vol_err),

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from scipy.special import expit, logit
 
 from models.ich.bundle import BundleSpec, save_bundle
 from models.ich.data import (Case, augment, augmentation, phantom_case, window_jitter)
@@ -60,6 +61,7 @@ class TrainConfig:
     network: dict = field(default_factory=dict)
     segment_bundle: Path | None = None  # triage: the segmenter whose probabilities it sees (None = demo)
     init: Path | None = None  # start from this bundle's weights (fine-tuning) instead of random
+    hard_mining: float = 0.0  # segment: draw studies by (running loss)^this; 0 = off
 
     @property
     def frame_args(self) -> dict:
@@ -196,12 +198,25 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def operating_threshold(probs: np.ndarray, labels: np.ndarray, sensitivity: float) -> float:
-    """Highest threshold whose validation sensitivity is at least ``sensitivity``."""
+    """A threshold whose validation sensitivity is at least ``sensitivity``, with the widest margin.
+
+    Every threshold between the positive at the sensitivity quantile and the highest negative
+    below it has the same validation sensitivity and specificity; the midpoint (in logit space)
+    is the one least likely to drop new positives. (The highest such threshold, used before,
+    sat right under a validation positive: a few dozen positives on held-out data then lost
+    sensitivity to slightly less confident studies.)
+    """
     pos = np.sort(probs[labels > 0.5])
     if len(pos) == 0:
         return 0.5
     idx = int(np.floor((1.0 - sensitivity) * len(pos)))
-    return float(max(1e-4, min(pos[idx] - 1e-6, 0.99)))
+    upper = float(np.clip(pos[idx] - 1e-6, 1e-6, 1 - 1e-6))
+    neg = probs[(labels <= 0.5) & (probs < upper)]
+    threshold = upper
+    if neg.size:
+        lower = float(np.clip(neg.max(), 1e-6, 1 - 1e-6))
+        threshold = float(expit((logit(upper) + logit(lower)) / 2))
+    return float(max(1e-4, min(threshold, 0.99)))
 
 
 def calibrate(network, val: list[Case], sensitivity: float, segmenter=None) -> tuple[dict, dict, dict]:
@@ -414,6 +429,31 @@ def _pick_slices(seg: torch.Tensor, n: int, rng: np.random.Generator) -> np.ndar
     return np.unique(np.array(picks, dtype=int))
 
 
+class HardExamples:
+    """Online hard-example sampling: each study's running training loss (EMA) raises its chance
+    of being drawn, so studies the network still gets wrong (thin or isodense subdurals, sparse
+    subarachnoid blood) are seen more often than the ones it has learnt. Unseen studies count
+    as average; ``power`` 0 turns it off."""
+
+    def __init__(self, n: int, power: float, decay: float = 0.7):
+        self.loss = np.full(n, np.nan)
+        self.power, self.decay = power, decay
+
+    def weighted(self, base: np.ndarray) -> np.ndarray:
+        seen = self.loss[~np.isnan(self.loss)]
+        if self.power <= 0 or seen.size == 0:
+            w = base.astype(float)
+        else:
+            level = np.where(np.isnan(self.loss), seen.mean(), self.loss) / max(seen.mean(), 1e-6)
+            w = base * np.clip(level, 0.25, 4.0) ** self.power
+        return w / w.sum()
+
+    def update(self, indices, losses: list[float]) -> None:
+        for i, value in zip(indices, losses):
+            old = self.loss[i]
+            self.loss[i] = value if np.isnan(old) else self.decay * old + (1 - self.decay) * value
+
+
 def train_segment(cfg: TrainConfig, progress: ProgressFn = _plain_progress, cases=None) -> Path:
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -431,21 +471,20 @@ def train_segment(cfg: TrainConfig, progress: ProgressFn = _plain_progress, case
     rng = np.random.default_rng(cfg.seed)
     transform = augmentation(cfg.seed)
     weights = np.array([2.0 if (c.seg == 1).any() else 1.0 for c in train])
-    weights /= weights.sum()
+    difficulty = HardExamples(len(train), cfg.hard_mining)
     start = time.time()
     best = (-1.0, None, {})
     for epoch in progress(range(cfg.epochs), "segment epochs", cfg.epochs):
         network.train()
         for _ in range(steps_per_epoch):
-            picked = [train[i] for i in rng.choice(len(train), cfg.batch_studies, p=weights)]
-            inputs, segs = _batch_input(picked, transform, rng)
-            xs, ys = [], []
-            for x, seg in zip(inputs, segs):
+            chosen = rng.choice(len(train), cfg.batch_studies, p=difficulty.weighted(weights))
+            inputs, segs = _batch_input([train[i] for i in chosen], transform, rng)
+            losses = []
+            for x, seg in zip(inputs, segs):  # one loss per study: its difficulty is tracked
                 idx = _pick_slices(seg, cfg.slices_per_study, rng)
-                xs.append(x[idx])
-                ys.append(seg[idx])
-            x, y = torch.cat(xs), torch.cat(ys)[:, None]
-            loss = loss_fn(network(x), y)
+                losses.append(loss_fn(network(x[idx]), seg[idx][:, None]))
+            difficulty.update(chosen, [float(v.detach()) for v in losses])
+            loss = torch.stack(losses).mean()
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(network.parameters(), 5.0)

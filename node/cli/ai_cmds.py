@@ -22,7 +22,8 @@ def _progress(items: Iterable, description: str, total: int) -> Iterable:
 def _train(kind: str, studies: int, val_studies: int, epochs: int, out: Optional[Path], seed: int,
            dataset: str, matrix: int, thickness: float, cache: Optional[Path],
            max_minutes: Optional[float], threads: int, init: Optional[Path],
-           lr: float, spacing_mm: float, size: int, segment_bundle: Optional[Path]) -> None:
+           lr: float, spacing_mm: float, size: int, segment_bundle: Optional[Path],
+           hard_mining: float) -> None:
     import logging
 
     from models.ich.train import TrainConfig, train
@@ -35,7 +36,8 @@ def _train(kind: str, studies: int, val_studies: int, epochs: int, out: Optional
                       seed=seed, dataset=dataset, matrix=matrix, thickness=thickness or None,
                       cache_dir=cache or (Path("var") / "cache" / "phantoms"),
                       max_minutes=max_minutes, threads=threads, init=init, lr=lr,
-                      spacing_mm=spacing_mm, size=size, segment_bundle=segment_bundle)
+                      spacing_mm=spacing_mm, size=size, segment_bundle=segment_bundle,
+                      hard_mining=hard_mining)
     try:
         path = train(cfg, _progress)
     except (ValueError, FileNotFoundError) as exc:
@@ -67,9 +69,12 @@ def register(app: typer.Typer, train_app: typer.Typer, evaluate_app: typer.Typer
             size: int = typer.Option(112, help="Model window (pixels, square)"),
             segment_bundle: Optional[Path] = typer.Option(
                 None, help="triage: the segmenter whose probabilities it sees (default: the demo one)"),
+            hard_mining: float = typer.Option(
+                0.0, min=0.0, help="segment: draw studies by (running loss)^this (0 = off)"),
         ) -> None:
             _train(kind, studies, val_studies, epochs, out, seed, dataset, matrix, thickness,
-                   cache, max_minutes, threads, init, lr, spacing_mm, size, segment_bundle)
+                   cache, max_minutes, threads, init, lr, spacing_mm, size, segment_bundle,
+                   hard_mining)
 
         command.__doc__ = f"Train the {kind} model and write a verified bundle."
         return command
@@ -184,8 +189,16 @@ def _evaluate(what: str, studies: int, matrix: int, thickness: float, out: Optio
         print_rows(rows, ["label", "auc", "sensitivity", "specificity", "threshold", "positives",
                           "negatives"], title=f"Triage ({metrics['held_out']})")
     if "segment" in metrics:
-        rows = [{"metric": k, **(v if isinstance(v, dict) else {"mean": v})}
-                for k, v in metrics["segment"].items()]
+        seg = dict(metrics["segment"])
+        per_subtype = seg.pop("hematoma_by_subtype", {})
+        rows = [{"metric": k, **(v if isinstance(v, dict) else {"mean": v})} for k, v in seg.items()]
         print_rows(rows, ["metric", "mean", "median", "p90", "max", "n"], title="Segmentation")
+        rows = [{"subtype": k, "studies": v["studies"],
+                 "recall": (v["recall"] or {}).get("mean"),
+                 "dice_alone": (v["dice_single_subtype"] or {}).get("mean"),
+                 "n_alone": (v["dice_single_subtype"] or {}).get("n", 0)}
+                for k, v in per_subtype.items()]
+        print_rows(rows, ["subtype", "studies", "recall", "dice_alone", "n_alone"],
+                   title="Hematoma by subtype (voxel recall; Dice of single-subtype studies)")
     print_rows([{"bar": k, "met": v} for k, v in metrics["bars"].items()], ["bar", "met"],
                title="Bars (issue 4)")
