@@ -18,22 +18,19 @@ import json
 from pathlib import Path
 
 from models.ich.bundle import load_bundle
-from models.ich.train import TrainConfig, calibrate, load_cases
+from models.ich.train import TrainConfig, calibration_config, cascade_segmenter, load_cases
 
 
 def recalibrate(triage_dir: Path, segment_dir: Path | None, cfg: TrainConfig, val=None) -> dict:  # noqa: ANN001
     """New temperatures, thresholds and validation AUCs for the triage bundle in ``triage_dir``
     (validation cases from ``cfg``, or ``val`` given directly)."""
     triage = load_bundle(triage_dir, "triage")
-    segmenter = None
-    if triage.config.get("inputs") == "image+segmentation":
-        segmenter = load_bundle(segment_dir, "segment").network.eval()
+    seg_bundle = cascade_segmenter(triage.network, segment_dir, triage.frame)
+    segmenter = seg_bundle.network.eval() if seg_bundle is not None else None
     val = list(val) if val is not None else load_cases(cfg, "val", cfg.val_studies)
-    temps, thresholds, aucs = calibrate(triage.network.eval(), val, cfg.target_sensitivity, segmenter)
-    return {"calibration": {"method": "temperature", "temperature": temps},
-            "thresholds": thresholds,
-            "operating_point": {"sensitivity": cfg.target_sensitivity, "chosen_on": "validation",
-                                "validation_studies": len(val), "validation_auc": aucs}}
+    update, aucs = calibration_config(triage.network.eval(), val, cfg.target_sensitivity, segmenter)
+    update["operating_point"]["validation_auc"] = aucs
+    return update
 
 
 def main() -> None:

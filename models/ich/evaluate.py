@@ -83,15 +83,17 @@ def evaluate_phantoms(cfg: EvalConfig, settings=None, progress: ProgressFn = _pl
         result, masks = analyze_volume(study.volume, settings, bundles=bundles)
         true_hem = np.asarray(study.masks["hematoma"], bool)
         true_vol = truth["hematoma_volume_ml"]
+        # predicted, true, overlap: the Dice and the pooled Dice both derive from them
+        counts = [int(masks["hematoma"].sum()), int(true_hem.sum()),
+                  int((masks["hematoma"] & true_hem).sum())]
         if true_vol is None:
             true_vol = float(true_hem.sum()) * study.volume.voxel_volume_ml
         rows.append({
             "seed": seed,
             "labels": truth["study_labels"],
             "probs": [result.findings[label].probability for label in LABELS],
-            "dice_hematoma": dice(masks["hematoma"], true_hem) if true_hem.any() else None,
-            "hematoma_voxels": [int(masks["hematoma"].sum()), int(true_hem.sum()),
-                                int((masks["hematoma"] & true_hem).sum())],
+            "dice_hematoma": 2 * counts[2] / (counts[0] + counts[1]) if true_hem.any() else None,
+            "hematoma_voxels": counts,
             "subtype_recall": subtype_recall(masks["hematoma"], study.masks),
             "dice_ventricle_left": dice(masks["ventricle_left"],
                                         np.asarray(study.masks["ventricle_left"], bool)),

@@ -237,6 +237,30 @@ def calibrate(network, val: list[Case], sensitivity: float, segmenter=None) -> t
     return temps, thresholds, aucs
 
 
+def calibration_config(network, val: list[Case], sensitivity: float,
+                       segmenter=None) -> tuple[dict, dict]:  # noqa: ANN001
+    """The triage bundle's config entries chosen on validation (calibration, thresholds,
+    operating point), and the validation AUCs."""
+    temps, thresholds, aucs = calibrate(network, val, sensitivity, segmenter)
+    return {"calibration": {"method": "temperature", "temperature": temps},
+            "thresholds": thresholds,
+            "operating_point": {"sensitivity": sensitivity, "chosen_on": "validation",
+                                "validation_studies": len(val)}}, aucs
+
+
+def cascade_segmenter(network, segment_bundle: Path | None, frame_args: dict):  # noqa: ANN001
+    """The segment bundle whose probabilities this triage network takes as input (None if it
+    reads images only); it must share the triage model's grid."""
+    if network.in_channels <= IN_CHANNELS:
+        return None
+    from models.ich.bundle import load_bundle
+
+    bundle = load_bundle(segment_bundle, "segment")
+    if bundle.frame != frame_args:
+        raise ValueError(f"segment bundle frame {bundle.frame} differs from {frame_args}")
+    return bundle
+
+
 def _initial_network(cfg: TrainConfig):
     network = build_network(cfg.kind, cfg.network)
     if cfg.init:
@@ -313,14 +337,8 @@ def train_triage(cfg: TrainConfig, progress: ProgressFn = _plain_progress, cases
     if not train or not val:
         raise ValueError("no training or validation cases")
     network = _initial_network(cfg)
-    segmenter = None
-    if network.in_channels > IN_CHANNELS:
-        from models.ich.bundle import load_bundle
-
-        seg_bundle = load_bundle(cfg.segment_bundle, "segment")
-        if seg_bundle.frame != cfg.frame_args:
-            raise ValueError(f"segment bundle frame {seg_bundle.frame} differs from {cfg.frame_args}")
-        segmenter = seg_bundle.network.eval()
+    seg_bundle = cascade_segmenter(network, cfg.segment_bundle, cfg.frame_args)
+    segmenter = seg_bundle.network.eval() if seg_bundle is not None else None
     rng = np.random.default_rng(cfg.seed)
     transform = augmentation(cfg.seed)
     start = time.time()
@@ -380,16 +398,14 @@ def train_triage(cfg: TrainConfig, progress: ProgressFn = _plain_progress, cases
         sched.step()
     _save_checkpoint(cfg.out, 1, network, opt, float(loss.detach()))
     network.eval()
-    temps, thresholds, aucs = calibrate(network, val, cfg.target_sensitivity, segmenter)
+    calibration, aucs = calibration_config(network, val, cfg.target_sensitivity, segmenter)
     log.info("triage validation AUC %s", json.dumps(aucs))
     spec = BundleSpec(
         kind="triage", name="ichnode-triage-demo" if cfg.dataset == "phantom" else "ichnode-triage",
         version=VERSION, network=cfg.network, frame=cfg.frame_args,
         extra={"labels": list(LABELS), "inputs": "image+segmentation" if segmenter is not None
                else "image", "segment_sha256": seg_bundle.sha256 if segmenter is not None else None,
-               "calibration": {"method": "temperature", "temperature": temps},
-               "thresholds": thresholds, "operating_point": {"sensitivity": cfg.target_sensitivity,
-                                                             "chosen_on": "validation"}},
+               **calibration},
         metadata=_metadata(cfg, len(train), len(val), {"study_auc": aucs}, time.time() - start))
     return save_bundle(cfg.out, spec, network)
 
