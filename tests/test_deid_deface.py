@@ -48,14 +48,15 @@ def test_ichnode_destroys_face_and_ears(phantom, ichnode):
     assert s["face_soft_destroyed"] >= 0.85, s
     assert s["face_destroyed"] >= 0.75, s
     assert s["ears_destroyed"] >= 0.9, s
-    # Replaced by air, or (the dense wall of the cavity in the face zone) by one constant bone
+    # Replaced by air, or (the bony wall of the cavity in the face zone) by one constant bone
     # value: nothing of the original values is left, and the wall stays closed.
     params = IchnodeParams()
     values = ichnode.volume.hu[ichnode.replaced]
     assert set(np.unique(values)) <= {-1000, params.wall_hu}
     wall = ichnode.replaced & (ichnode.volume.hu == params.wall_hu)
     assert wall.any()
-    assert np.all(study.volume.hu[wall] >= params.wall_from_hu)
+    # Wall voxels were bone or partial-volume bone, never brain-like values.
+    assert np.all(study.volume.hu[wall] >= params.brain_like_hu[1])
     assert not (wall & ichnode.intracranial).any() and not (wall & study.masks["brain"]).any()
 
 
@@ -66,6 +67,24 @@ def test_defaced_copy_keeps_a_closed_wall(phantom, ichnode):
     original = ichnode.intracranial
     overlap = 2 * (found_again & original).sum() / (found_again.sum() + original.sum())
     assert overlap >= 0.995
+
+
+def test_a_skull_cut_by_the_field_of_view_still_encloses_the_cavity():
+    """Where the skull leaves the image, brain touches the image frame: the cut is sealed,
+    so the cavity (and the brain the defacer protects) is the same as in the whole image."""
+    study = generate_study(PhantomSpec(seed=1, matrix=128, slice_thickness_mm=5.0,
+                                       subtypes=("subdural",)))
+    whole = intracranial_mask(study.volume)
+    cut = int(np.nonzero(whole.any(axis=(0, 1)))[0][0]) + 6  # 6 columns into the cavity
+    affine = study.volume.affine.copy()
+    affine[:3, 3] += cut * affine[:3, 0]
+    cropped = Volume(hu=np.ascontiguousarray(study.volume.hu[:, :, cut:]), affine=affine)
+    found, truth = intracranial_mask(cropped), whole[:, :, cut:]
+    assert 2 * (found & truth).sum() / (found.sum() + truth.sum()) >= 0.98
+    result = deface(cropped, "ichnode")
+    changed = result.volume.hu != cropped.hu
+    assert not (changed & study.masks["brain"][:, :, cut:]).any()
+    assert result.replaced.any()
 
 
 def test_ichnode_finds_the_face_of_a_turned_head(phantom, ichnode):

@@ -184,6 +184,8 @@ def cranial_cavity(grid: CoarseGrid, p: CavityParams) -> np.ndarray:
             plane = bone[tuple(where)]
             if not plane.any():
                 continue
+            if axis == 0:  # a skull leaving the image: the cut is sealed, never cavity (lid)
+                plane = plane | frame_seal(plane, content[tuple(where)])
             for radius in radii[axis]:
                 wall = close_disk(plane, radius, plane_spacing)
                 lid = wall & ~plane  # soft tissue in a sealed gap: never cavity (no leak)
@@ -200,6 +202,30 @@ def cranial_cavity(grid: CoarseGrid, p: CavityParams) -> np.ndarray:
     # Close internal holes (calcifications, bone-dense blood) slice by slice and in 3D.
     cavity = np.stack([ndimage.binary_fill_holes(s) for s in cavity])
     return ndimage.binary_fill_holes(cavity)
+
+
+def frame_seal(bone: np.ndarray, content: np.ndarray) -> np.ndarray:
+    """Image-frame pixels (2D) that close a cranial cavity cut by the field of view.
+
+    Where the skull leaves the image, brain touches the frame between two bone contacts and the
+    cavity is open to the outside. A run of content pixels along the frame that touches bone
+    and no air or fat is such a cut (the scalp's runs end in air, the nose's have no bone).
+    Only the image frame: a circular scan field read as air stays open (not sealed).
+    """
+    frame = np.zeros_like(bone)
+    frame[0] = frame[-1] = True
+    frame[:, 0] = frame[:, -1] = True
+    cut = frame & content & ~bone
+    if not cut.any():
+        return cut
+    eight = np.ones((3, 3), dtype=bool)
+    runs, n = ndimage.label(cut, structure=eight)
+    index = np.arange(1, n + 1)
+    touches_bone = ndimage.maximum(ndimage.binary_dilation(frame & bone, eight), runs, index)
+    outside = frame & ~content & ~bone  # air or fat on the frame
+    touches_outside = ndimage.maximum(ndimage.binary_dilation(outside, eight), runs, index)
+    sealed = index[(np.asarray(touches_bone) > 0) & (np.asarray(touches_outside) == 0)]
+    return np.isin(runs, sealed)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -22,11 +22,13 @@ the hull. It knows nothing of orientation, so a turned head gets its side painte
    ears' soft tissue. Air rather than noise: it leaves nothing to reconstruct (no silhouette, since
    the whole region including the air around the face is replaced) and no fake structure for the
    models to react to;
-4. inside the face zone, the dense part of the protected shell (orbital roofs, frontal bone next
-   to the frontal poles: voxels of at least ``wall_from_hu`` outside the models' ring and the
-   brain-like margin) becomes one constant bone value: its own values are destroyed, but the
-   cavity keeps a closed wall, so it is found again on the defaced copy (air there let the
-   cavity leak into the orbits).
+4. inside the face zone, the protected shell outside the models' input is decided voxel by
+   voxel: bone (at least ``wall_from_hu``) and partial-volume bone that touches no brain-like
+   voxel joined to the cavity become one constant bone value (orbital roofs, frontal bone:
+   their values are destroyed, but the cavity keeps a closed wall, so it is found again on the
+   defaced copy; air there let the cavity leak into the orbits); fat, air and brain-like
+   values cut off from the cavity (orbital muscle, globe) become air; brain joined to the
+   cavity and the partial-volume voxels touching it keep their values.
 """
 
 from __future__ import annotations
@@ -156,6 +158,12 @@ class IchnodeParams(CavityParams):
     # values are gone; a closed wall stays, so the cavity is found again on a defaced copy.
     wall_hu: float | None = 1600.0  # None: keep the whole shell as it is
     wall_from_hu: float = 1000.0  # = content_hu[1]: denser voxels are never cavity content
+    # Partial-volume voxels of the shell (bone mixed with fat, air or brain) join the wall when
+    # no 26-neighbour is brain-like and joined to the cavity: a voxel that is partly brain
+    # touches one that is more brain. Fat and air values (never brain), and brain-like values
+    # cut off from the cavity (orbital muscle), become air.
+    brain_like_hu: tuple[float, float] = (-50.0, 150.0)
+    brain_reach_mm: float = 1.2  # in plane; through plane, one slice
 
 
 def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> DefaceResult:
@@ -169,7 +177,8 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
     head_c = largest_component(grid.hu > -300)  # the head, not the table or headrest
     centre, anterior, both_sides, cues = _face_direction(grid, cavity, head_c, p)
     cavity = found.mask  # with the foramen magnum fill
-    protected_c, keep_c = _protected_set(grid, cavity, centre, p)
+    protected_c, fixed_c, soft_near_c = _protected_set(grid, cavity, centre, p)
+    brain_like, near_brain = _brain_like_at_cavity(volume, grid, fixed_c, protected_c, p)
     extent = _extent_along(grid, cavity, anterior)
     scale = float(np.clip(extent / REFERENCE_AP_MM, 0.6, 1.4))
     top, back = p.top_mm * scale, p.back_mm * scale
@@ -184,14 +193,16 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
         zone = v < top
         if not both_sides:
             zone &= (xyz @ anterior) > back
-        wall = np.zeros_like(zone)
+        wall = shell_air = np.zeros_like(zone)
         if p.wall_hu is not None:
-            wall = zone & prot & ~grid.upsample_slice(keep_c[k]) & (volume.hu[k] >= p.wall_from_hu)
+            wall, shell_air = _wall_of_shell(
+                volume.hu[k], zone & prot & ~grid.upsample_slice(fixed_c[k]),
+                grid.upsample_slice(soft_near_c[k]), brain_like[k], near_brain[k], p)
             hu[k][wall] = p.wall_hu
-        zone &= ~prot
+        zone = (zone & ~prot) | shell_air
         hu[k][zone] = AIR_HU
         replaced[k] = zone | wall
-        protected[k] = prot & ~wall
+        protected[k] = prot & ~replaced[k]
     changed_protected = int(np.count_nonzero(hu[protected] != volume.hu[protected]))
     if changed_protected:  # cannot happen by construction; the check is the proof
         raise AssertionError(f"{changed_protected} protected voxels changed")
@@ -207,9 +218,10 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
 
 
 def _protected_set(grid: "CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
-                   p: IchnodeParams) -> tuple[np.ndarray, np.ndarray]:
-    """The never-written set on the coarse grid: cavity, its shell and margins, spinal canal;
-    and the part of it whose values must be kept (the rest is dense bone of the wall)."""
+                   p: IchnodeParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """On the coarse grid: the set never replaced by air (cavity, its shell and margins,
+    spinal canal); the part of it never written at all (the models' input and the canal); and
+    the brain-like margin (where only voxels without a brain-like neighbour join the wall)."""
     # The margin includes the coarse-grid slack, so that upsampling the coarse mask can never
     # leave a full-resolution cavity voxel unprotected.
     reach = p.margin_mm + grid.slack_mm
@@ -229,10 +241,52 @@ def _protected_set(grid: "CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
     soft_near = soft & (near <= p.soft_margin_mm + grid.slack_mm)
     canal = np.zeros_like(protected)
     _protect_canal(canal, cavity, grid, centre, p)
-    # What keeps its values: the models' input (cavity + in-plane ring, as intracranial_mask),
-    # the brain-like margin and the canal. The rest of the shell is bony wall.
-    keep = with_ring(cavity) | soft_near | canal
-    return protected | soft_near | canal, keep
+    # Never written: the models' input (cavity + in-plane ring, as intracranial_mask) and the
+    # canal. The rest of the shell is wall, voxel by voxel (_wall_of_shell).
+    fixed = with_ring(cavity) | canal
+    return protected | soft_near | canal, fixed, soft_near
+
+
+def _brain_like_at_cavity(volume: Volume, grid: CoarseGrid, fixed: np.ndarray,
+                          protected: np.ndarray,
+                          p: IchnodeParams) -> tuple[np.ndarray, np.ndarray]:
+    """bool (k, j, i) pair: brain-like voxels joined to the models' input through brain-like
+    voxels of the protected set (brain the cavity missed in a corner of the wall, not orbital
+    muscle or globe behind the bone), and those voxels with their 26-neighbours."""
+    lo, hi = p.brain_like_hu
+    fixed_f = np.stack([grid.upsample_slice(s) for s in fixed])
+    protected_f = np.stack([grid.upsample_slice(s) for s in protected])
+    like = (volume.hu > lo) & (volume.hu < hi)
+    cube = np.ones((3, 3, 3), dtype=bool)
+    joined = ndimage.binary_propagation(like & fixed_f, structure=cube, mask=like & protected_f)
+    # Partial volume reaches about a millimetre in plane (more than one pixel of a fine
+    # matrix) and one slice through plane.
+    _, dj, di = (float(v) for v in volume.spacing)
+    rj, ri = (max(1, int(round(p.brain_reach_mm / d))) for d in (dj, di))
+    jj, ii = np.ogrid[-rj:rj + 1, -ri:ri + 1]
+    disk = (jj * dj) ** 2 + (ii * di) ** 2 <= max(p.brain_reach_mm, dj, di) ** 2 + 1e-6
+    reach = np.repeat(disk[None], 3, axis=0)
+    return joined, ndimage.binary_dilation(joined, structure=reach)
+
+
+def _wall_of_shell(hu: np.ndarray, shell: np.ndarray, soft_near: np.ndarray,
+                   brain_like: np.ndarray, near_brain: np.ndarray,
+                   p: IchnodeParams) -> tuple[np.ndarray, np.ndarray]:
+    """(wall, air) in one slice's writable shell (face zone, protected, outside the models'
+    input): which voxels become the constant wall value and which become air.
+
+    Wall: voxels of at least ``wall_from_hu`` (never cavity content) outside the brain-like
+    margin, and partial-volume voxels touching no brain-like voxel joined to the cavity (bone
+    mixed with fat, air or orbital tissue, not with brain). Air: fat and air values, which no
+    voxel that is mostly brain has, and brain-like values cut off from the cavity (orbital
+    muscle and globe). Brain joined to the cavity and partial voxels touching it keep their
+    values.
+    """
+    lo, hi = p.brain_like_hu
+    dense = hu >= p.wall_from_hu
+    wall = shell & ((dense & ~soft_near) | ((hu >= hi) & ~near_brain))
+    air = shell & ((hu <= lo) | ((hu < hi) & ~brain_like))
+    return wall, air
 
 
 def _slice_coordinates(affine: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:
