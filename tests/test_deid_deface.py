@@ -41,13 +41,13 @@ def test_ichnode_destroys_face_and_ears(phantom, ichnode):
     study, _ = phantom
     s = score(study.volume, ichnode, study.masks["face"], study.masks["brain"],
               study.masks["ears"])
-    # Soft tissue (the surface a rendering shows) goes almost entirely; facial bone that
-    # touches the cranial cavity (orbital roofs) is partly kept by the protection margin,
-    # which on this coarse grid (1.6 mm pixels, 5 mm slices) is wide. See docs/deid.md for
-    # the figures at clinical resolution.
-    assert s["face_soft_destroyed"] >= 0.85, s
-    assert s["face_destroyed"] >= 0.75, s
-    assert s["ears_destroyed"] >= 0.9, s
+    # Soft tissue (the surface a rendering shows) goes almost entirely; facial bone inside the
+    # models' ring (orbital roofs) is kept, which on this coarse grid (1.6 mm pixels, 5 mm
+    # slices) is a wide band. Measured 0.89-0.93 / 0.96-0.99 here; before the shell was decided
+    # voxel by voxel 0.81-0.86 / 0.87-0.92. See docs/deid.md for clinical resolutions.
+    assert s["face_soft_destroyed"] >= 0.93, s
+    assert s["face_destroyed"] >= 0.85, s
+    assert s["ears_destroyed"] >= 0.95, s
     # Replaced by air, or (the bony wall of the cavity in the face zone) by one constant bone
     # value: nothing of the original values is left, and the wall stays closed.
     params = IchnodeParams()

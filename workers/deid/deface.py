@@ -159,11 +159,12 @@ class IchnodeParams(CavityParams):
     wall_hu: float | None = 1600.0  # None: keep the whole shell as it is
     wall_from_hu: float = 1000.0  # = content_hu[1]: denser voxels are never cavity content
     # Partial-volume voxels of the shell (bone mixed with fat, air or brain) join the wall when
-    # no 26-neighbour is brain-like and joined to the cavity: a voxel that is partly brain
+    # no brain-like voxel joined to the cavity is within reach: a voxel that is partly brain
     # touches one that is more brain. Fat and air values (never brain), and brain-like values
-    # cut off from the cavity (orbital muscle), become air.
+    # cut off from the cavity (orbital muscle, fat mixed with the roof), become air.
     brain_like_hu: tuple[float, float] = (-50.0, 150.0)
-    brain_reach_mm: float = 1.2  # in plane; through plane, one slice
+    brain_reach_mm: float = 1.2  # partial volume in plane; through plane, one slice
+    brain_reach_through_mm: float = 2.5  # missed brain straight above/below the models' input
 
 
 def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> DefaceResult:
@@ -250,23 +251,35 @@ def _protected_set(grid: "CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
 def _brain_like_at_cavity(volume: Volume, grid: CoarseGrid, fixed: np.ndarray,
                           protected: np.ndarray,
                           p: IchnodeParams) -> tuple[np.ndarray, np.ndarray]:
-    """bool (k, j, i) pair: brain-like voxels joined to the models' input through brain-like
-    voxels of the protected set (brain the cavity missed in a corner of the wall, not orbital
-    muscle or globe behind the bone), and those voxels with their 26-neighbours."""
+    """bool (k, j, i) pair: brain-like voxels of the protected set joined to the models' input,
+    and the voxels within partial-volume reach of them.
+
+    Joined: through brain-like voxels in the same slice (brain the cavity missed in a corner of
+    the wall), or straight above or below brain-like voxels of the models' input (a slice lying
+    on a fossa floor). Not sideways through a neighbouring slice: on thick slices that path
+    runs from the frontal lobe down into the slice below and across it into the orbit, where fat
+    mixed with the roof reads brain-like.
+    """
     lo, hi = p.brain_like_hu
     fixed_f = np.stack([grid.upsample_slice(s) for s in fixed])
-    protected_f = np.stack([grid.upsample_slice(s) for s in protected])
+    allowed = np.stack([grid.upsample_slice(s) for s in protected])
     like = (volume.hu > lo) & (volume.hu < hi)
-    cube = np.ones((3, 3, 3), dtype=bool)
-    joined = ndimage.binary_propagation(like & fixed_f, structure=cube, mask=like & protected_f)
+    allowed &= like
+    seeds = like & fixed_f
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = True
+    vertical = np.zeros((3, 3, 3), dtype=bool)
+    vertical[:, 1, 1] = True
+    dk, dj, di = (float(v) for v in volume.spacing)
+    slices = max(1, int(round(p.brain_reach_through_mm / dk)))
+    joined = ndimage.binary_propagation(seeds, structure=in_plane, mask=allowed)
+    joined |= ndimage.binary_dilation(seeds, structure=vertical, iterations=slices, mask=allowed)
     # Partial volume reaches about a millimetre in plane (more than one pixel of a fine
     # matrix) and one slice through plane.
-    _, dj, di = (float(v) for v in volume.spacing)
     rj, ri = (max(1, int(round(p.brain_reach_mm / d))) for d in (dj, di))
     jj, ii = np.ogrid[-rj:rj + 1, -ri:ri + 1]
     disk = (jj * dj) ** 2 + (ii * di) ** 2 <= max(p.brain_reach_mm, dj, di) ** 2 + 1e-6
-    reach = np.repeat(disk[None], 3, axis=0)
-    return joined, ndimage.binary_dilation(joined, structure=reach)
+    return joined, ndimage.binary_dilation(joined, structure=np.repeat(disk[None], 3, axis=0))
 
 
 def _wall_of_shell(hu: np.ndarray, shell: np.ndarray, soft_near: np.ndarray,
