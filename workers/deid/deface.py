@@ -153,10 +153,11 @@ class IchnodeParams(CavityParams):
     canal_drift_mm: float = 15.0  # most the canal may drift sideways below the cavity
     canal_half_width_mm: float = 25.0  # canal footprint: this close to the midline
     # The cavity wall inside the face zone (orbital roofs, frontal bone): protected-shell voxels
-    # at least as dense as the cavity finder's upper content bound, outside the models' in-plane
-    # ring and the brain-like margin, become one constant bone value. The facial bone's own
-    # values are gone; a closed wall stays, so the cavity is found again on a defaced copy.
-    wall_hu: float | None = 1600.0  # None: keep the whole shell as it is
+    # outside the models' input that are bone (wall_from_hu, the cavity finder's upper content
+    # bound) or partial-volume bone without brain near become one constant bone value. The
+    # facial bone's own values are gone; a closed wall stays, so the cavity is found again on a
+    # defaced copy.
+    wall_hu: float | None = 1600.0  # None: keep the whole shell as it is (no wall, no shell air)
     wall_from_hu: float = 1000.0  # = content_hu[1]: denser voxels are never cavity content
     # Partial-volume voxels of the shell (bone mixed with fat, air or brain) join the wall when
     # no brain-like voxel joined to the cavity is within reach: a voxel that is partly brain
@@ -222,7 +223,8 @@ def _protected_set(grid: "CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
                    p: IchnodeParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """On the coarse grid: the set never replaced by air (cavity, its shell and margins,
     spinal canal); the part of it never written at all (the models' input and the canal); and
-    the brain-like margin (where only voxels without a brain-like neighbour join the wall)."""
+    the brain-like margin (soft-valued voxels within ``soft_margin_mm``, whose dense voxels join
+    the wall only when no joined brain is near)."""
     # The margin includes the coarse-grid slack, so that upsampling the coarse mask can never
     # leave a full-resolution cavity voxel unprotected.
     reach = p.margin_mm + grid.slack_mm
