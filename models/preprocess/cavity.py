@@ -80,7 +80,7 @@ def intracranial_mask(volume: Volume, params: CavityParams | None = None,
     cavity's 26-neighbour shell and more), so defacing never writes what the models see.
     """
     found = cavity or find_cavity(volume, params or CavityParams())
-    return np.stack([found.grid.upsample_slice(s) for s in with_ring(found.mask)])
+    return found.grid.upsample(with_ring(found.mask))
 
 
 def with_ring(mask: np.ndarray) -> np.ndarray:
@@ -134,9 +134,10 @@ class CoarseGrid:
         shift[:3, 3] = [(self.fi - 1) / 2, (self.fj - 1) / 2, 0]
         self.affine = affine @ shift @ scale
 
-    def upsample_slice(self, mask2d: np.ndarray) -> np.ndarray:
-        up = np.repeat(np.repeat(mask2d, self.fj, axis=0), self.fi, axis=1)
-        return up[: self.shape[1], : self.shape[2]]
+    def upsample(self, mask: np.ndarray) -> np.ndarray:
+        """A coarse (k, j', i') mask on the volume's grid (k, j, i)."""
+        up = np.repeat(np.repeat(mask, self.fj, axis=1), self.fi, axis=2)
+        return up[:, : self.shape[1], : self.shape[2]]
 
     def coordinates(self, mask: np.ndarray) -> np.ndarray:
         """LPS mm of the coarse voxels in ``mask`` (n, 3)."""

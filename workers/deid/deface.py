@@ -179,8 +179,10 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
     head_c = largest_component(grid.hu > -300)  # the head, not the table or headrest
     centre, anterior, both_sides, cues = _face_direction(grid, cavity, head_c, p)
     cavity = found.mask  # with the foramen magnum fill
-    protected_c, fixed_c, soft_near_c = _protected_set(grid, cavity, centre, p)
-    brain_like, near_brain = _brain_like_at_cavity(volume, grid, fixed_c, protected_c, p)
+    # On the volume's grid, once: the loop below and the brain-like join both read them.
+    protected_f, fixed_f, soft_near_f = (grid.upsample(m)
+                                         for m in _protected_set(grid, cavity, centre, p))
+    brain_like, near_brain = _brain_like_at_cavity(volume, fixed_f, protected_f, p)
     extent = _extent_along(grid, cavity, anterior)
     scale = float(np.clip(extent / REFERENCE_AP_MM, 0.6, 1.4))
     top, back = p.top_mm * scale, p.back_mm * scale
@@ -189,7 +191,7 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
     replaced = np.zeros(hu.shape, dtype=bool)
     protected = np.zeros(hu.shape, dtype=bool)
     for k in range(hu.shape[0]):
-        prot = grid.upsample_slice(protected_c[k])
+        prot = protected_f[k]
         xyz = _slice_coordinates(volume.affine, k, hu.shape[1:]) - centre
         v = xyz @ SUPERIOR
         zone = v < top
@@ -198,8 +200,8 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
         wall = shell_air = np.zeros_like(zone)
         if p.wall_hu is not None:
             wall, shell_air = _wall_of_shell(
-                volume.hu[k], zone & prot & ~grid.upsample_slice(fixed_c[k]),
-                grid.upsample_slice(soft_near_c[k]), brain_like[k], near_brain[k], p)
+                volume.hu[k], zone & prot & ~fixed_f[k], soft_near_f[k], brain_like[k],
+                near_brain[k], p)
             hu[k][wall] = p.wall_hu
         zone = (zone & ~prot) | shell_air
         hu[k][zone] = AIR_HU
@@ -250,8 +252,7 @@ def _protected_set(grid: "CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
     return protected | soft_near | canal, fixed, soft_near
 
 
-def _brain_like_at_cavity(volume: Volume, grid: CoarseGrid, fixed: np.ndarray,
-                          protected: np.ndarray,
+def _brain_like_at_cavity(volume: Volume, fixed: np.ndarray, protected: np.ndarray,
                           p: IchnodeParams) -> tuple[np.ndarray, np.ndarray]:
     """bool (k, j, i) pair: brain-like voxels of the protected set joined to the models' input,
     and the voxels within partial-volume reach of them.
@@ -263,11 +264,9 @@ def _brain_like_at_cavity(volume: Volume, grid: CoarseGrid, fixed: np.ndarray,
     mixed with the roof reads brain-like.
     """
     lo, hi = p.brain_like_hu
-    fixed_f = np.stack([grid.upsample_slice(s) for s in fixed])
-    allowed = np.stack([grid.upsample_slice(s) for s in protected])
     like = (volume.hu > lo) & (volume.hu < hi)
-    allowed &= like
-    seeds = like & fixed_f
+    allowed = like & protected
+    seeds = like & fixed
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[1] = True
     vertical = np.zeros((3, 3, 3), dtype=bool)
