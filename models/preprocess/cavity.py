@@ -116,8 +116,7 @@ class CoarseGrid:
         from skimage.measure import block_reduce
 
         dk, dj, di = volume.spacing
-        self.fj = max(1, int(round(coarse_mm / dj)))
-        self.fi = max(1, int(round(coarse_mm / di)))
+        self.fj, self.fi = block_factor(dj, coarse_mm), block_factor(di, coarse_mm)
         self.shape = volume.hu.shape
         hu = volume.hu.astype(np.float32, copy=False)
         self.hu = block_reduce(hu, (1, self.fj, self.fi), np.mean, cval=AIR_HU)
@@ -150,6 +149,15 @@ class CoarseGrid:
         k, j, i = np.indices(self.hu.shape, dtype=np.float32)
         a = self.affine
         return (a[2, 0] * i + a[2, 1] * j + a[2, 2] * k + a[2, 3]).astype(np.float32)
+
+
+def block_factor(pixel_mm: float, coarse_mm: float) -> int:
+    """Pixels per block whose size is nearest ``coarse_mm`` by ratio, not by difference: 0.55 mm
+    pixels (a 28 cm field at 512) get 2 (1.1 mm is nearer 0.8 mm than 0.55 mm is), so the
+    morphology runs on a quarter of the pixels instead of all of them."""
+    ratio = coarse_mm / float(pixel_mm)
+    f = max(1, int(np.floor(ratio)))
+    return f + 1 if ratio > np.sqrt(f * (f + 1)) else f
 
 
 def close_disk(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:

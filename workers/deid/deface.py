@@ -145,6 +145,11 @@ class IchnodeParams(CavityParams):
     soft_margin_mm: float = 4.0  # soft-tissue-valued voxels this close are protected too
     top_mm: float = 5.0  # face zone ends this far above the cavity centroid (x scale)
     back_mm: float = -70.0  # ... and this far behind it (ears reach back ~6 cm) (x scale)
+    # In front of the cavity the zone reaches at least this far above the anterior cranial fossa
+    # floor (the orbital roofs), which rises with the face when the chin is down (x scale).
+    brow_mm: float = 30.0
+    front_fraction: float = 0.5  # "in front": this share of the way from centre to frontal pole
+    floor_fraction: float = 0.6  # ... the floor: 2nd height percentile of the cavity beyond this
     min_axis_ratio: float = 1.04  # long/short cavity axis: below, the axis is not trusted
     min_protrusion_mm: float = 8.0  # face vs back protrusion difference to trust the sign
     min_deep_offset_mm: float = 8.0  # deep cavity part this far off centre to trust the sign
@@ -166,6 +171,8 @@ class IchnodeParams(CavityParams):
     brain_like_hu: tuple[float, float] = (-50.0, 150.0)
     brain_reach_mm: float = 1.2  # partial volume in plane; through plane, one slice
     brain_reach_through_mm: float = 2.5  # missed brain straight above/below the models' input
+    # How far (geodesic, in plane) brain missed by the cavity may lie from the models' input.
+    brain_join_mm: float | None = 4.0  # None: anywhere in the protected set
 
 
 def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> DefaceResult:
@@ -186,6 +193,9 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
     extent = _extent_along(grid, cavity, anterior)
     scale = float(np.clip(extent / REFERENCE_AP_MM, 0.6, 1.4))
     top, back = p.top_mm * scale, p.back_mm * scale
+    fronts = [(side * anterior, *_front_of_cavity(grid, found.raw, centre, side * anterior,
+                                                  p.brow_mm * scale, p))
+              for side in ((1, -1) if both_sides else (1,))]
 
     hu = volume.hu.copy()
     replaced = np.zeros(hu.shape, dtype=bool)
@@ -195,6 +205,8 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
         xyz = _slice_coordinates(volume.affine, k, hu.shape[1:]) - centre
         v = xyz @ SUPERIOR
         zone = v < top
+        for direction, front_start, front_top in fronts:
+            zone |= ((xyz @ direction) > front_start) & (v < front_top)
         if not both_sides:
             zone &= (xyz @ anterior) > back
         wall = shell_air = np.zeros_like(zone)
@@ -219,6 +231,19 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
             "cavity_ml": round(cavity_ml, 1), "scale": round(scale, 3), **cues}
     return DefaceResult(_copy_volume(volume, hu), replaced, "ichnode", time.perf_counter() - start,
                         protected=protected, intracranial=intracranial, info=info)
+
+
+def _front_of_cavity(grid: CoarseGrid, cavity: np.ndarray, centre: np.ndarray,
+                     direction: np.ndarray, brow: float, p: IchnodeParams) -> tuple[float, float]:
+    """(where "in front" starts along ``direction``, the zone's top there), in mm from the
+    cavity centre. The top is ``brow`` above the floor of the cavity's front part (anterior
+    cranial fossa, orbital roofs): with the chin down that floor rises, and the face with it.
+    """
+    pts = grid.coordinates(cavity) - centre
+    a = pts @ direction
+    front = float(a.max())
+    floor = float(np.percentile((pts @ SUPERIOR)[a > p.floor_fraction * front], 2))
+    return p.front_fraction * front, floor + brow
 
 
 def _protected_set(grid: "CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
@@ -257,9 +282,10 @@ def _brain_like_at_cavity(volume: Volume, fixed: np.ndarray, protected: np.ndarr
     """bool (k, j, i) pair: brain-like voxels of the protected set joined to the models' input,
     and the voxels within partial-volume reach of them.
 
-    Joined: through brain-like voxels in the same slice (brain the cavity missed in a corner of
-    the wall), or straight above or below brain-like voxels of the models' input (a slice lying
-    on a fossa floor). Not sideways through a neighbouring slice: on thick slices that path
+    Joined: through brain-like voxels in the same slice, at most ``brain_join_mm`` from the
+    models' input (brain the cavity missed in a corner of the wall lies within ~4 mm; farther
+    paths on thick slices run into the orbit), then straight above or below (a slice lying on a
+    fossa floor). Not sideways through a neighbouring slice: on thick slices that path
     runs from the frontal lobe down into the slice below and across it into the orbit, where fat
     mixed with the roof reads brain-like.
     """
@@ -273,8 +299,12 @@ def _brain_like_at_cavity(volume: Volume, fixed: np.ndarray, protected: np.ndarr
     vertical[:, 1, 1] = True
     dk, dj, di = (float(v) for v in volume.spacing)
     slices = max(1, int(round(p.brain_reach_through_mm / dk)))
-    joined = ndimage.binary_propagation(seeds, structure=in_plane, mask=allowed)
-    joined |= ndimage.binary_dilation(seeds, structure=vertical, iterations=slices, mask=allowed)
+    if p.brain_join_mm is None:
+        joined = ndimage.binary_propagation(seeds, structure=in_plane, mask=allowed)
+    else:
+        steps = max(1, int(np.ceil(p.brain_join_mm / min(dj, di))))
+        joined = ndimage.binary_dilation(seeds, structure=in_plane, iterations=steps, mask=allowed)
+    joined |= ndimage.binary_dilation(joined, structure=vertical, iterations=slices, mask=allowed)
     # Partial volume reaches about a millimetre in plane (more than one pixel of a fine
     # matrix) and one slice through plane.
     rj, ri = (max(1, int(round(p.brain_reach_mm / d))) for d in (dj, di))
