@@ -86,6 +86,24 @@ def test_brain_lying_on_a_floor_of_thin_slices_is_kept():
         "face_destroyed"] >= 0.95
 
 
+def test_a_globe_joined_through_a_thick_orbital_roof_is_not_cavity():
+    """Chin up 11 degrees, 5 mm slices (seed 41): a globe enclosed by the axial closing joined
+    the cavity through the orbital roof mixed with the frontal lobe; it reached the models'
+    input and was protected from defacing. Ringed by orbital fat in its slices, it is dropped."""
+    from models.preprocess.cavity import CavityParams, find_cavity
+
+    study = generate_study(PhantomSpec(seed=41, matrix=256, slice_thickness_mm=5.0))
+    face, brain = study.masks["face"], study.masks["brain"]
+    kept = find_cavity(study.volume, CavityParams(orbit_fat_share=1.1))  # the rule off
+    found = find_cavity(study.volume)
+    before, after = (c.grid.upsample(c.mask) for c in (kept, found))
+    # Measured 2732 -> 1503 face voxels in the cavity; no brain voxel lost.
+    assert (after & face).sum() < 0.7 * (before & face).sum()
+    assert not (brain & before & ~after).any()
+    s = score(study.volume, deface(study.volume, "ichnode"), face, brain)
+    assert s["brain_changed"] == 0 and s["face_soft_destroyed"] >= 0.98, s
+
+
 def test_defaced_copy_keeps_a_closed_wall(phantom, ichnode):
     """The cavity is found again on the defaced voxels (a research copy can still be analysed):
     with the face-zone wall replaced by air it leaked or shrank."""

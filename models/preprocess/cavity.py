@@ -9,8 +9,9 @@ face can never drive a finding.
 How the cavity is found (on a grid block-reduced in plane to ~0.8 mm, slices kept):
 bone is closed and filled in axial, coronal and sagittal planes (a fossa floor cut obliquely is
 open in one orientation, closed in another), soft content only, largest 3D component after an
-opening that cuts nerves and muscles linking it to the orbits; the foramen magnum region is
-added from the per-slice hull of the deep, posterior part.
+opening that cuts nerves and muscles linking it to the orbits, minus slice components ringed
+by orbital fat (a globe joined through a thick slice's orbital roof); the foramen magnum
+region is added from the per-slice hull of the deep, posterior part.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class CavityParams:
     close_mid_mm: float = 8.0  # coronal and sagittal planes
     open_mm: float = 5.0  # 3D opening radius: cuts nerves/muscles linking orbit and cavity
     min_cavity_ml: float = 150.0  # less: no skull/head in the volume
+    # A globe enclosed by the axial closing can join the cavity through an orbital roof that a
+    # thick slice mixes with the brain above it. In its own slice it is a separate component
+    # ringed by orbital fat; brain is walled by bone and CSF, never ringed by fat.
+    orbit_fat_share: float = 0.25  # ring more than this share fat: an orbit, not cavity
+    orbit_ring_mm: float = 2.0
     skull_base_mm: float = -30.0  # slices this far below the centre get the foramen fill
     skull_base_front_mm: float = 10.0  # ... up to this far in front of the centre
 
@@ -210,7 +216,28 @@ def cranial_cavity(grid: CoarseGrid, p: CavityParams) -> np.ndarray:
     cavity = (ndimage.distance_transform_edt(~core, sampling=spacing) <= p.open_mm + 0.01) & inside
     # Close internal holes (calcifications, bone-dense blood) slice by slice and in 3D.
     cavity = np.stack([ndimage.binary_fill_holes(s) for s in cavity])
-    return ndimage.binary_fill_holes(cavity)
+    cavity = ndimage.binary_fill_holes(cavity)
+    return cavity & ~orbit_parts(grid, cavity, p)
+
+
+def orbit_parts(grid: CoarseGrid, cavity: np.ndarray, p: CavityParams) -> np.ndarray:
+    """Per axial slice, the cavity's components other than the largest whose surrounding ring
+    (``orbit_ring_mm``) is more than ``orbit_fat_share`` fat (-200..-50 HU): orbits."""
+    fat = (grid.hu > -200.0) & (grid.hu <= p.content_hu[0])
+    steps = max(1, int(round(p.orbit_ring_mm / float(min(grid.coarse_spacing[1:])))))
+    eight = np.ones((3, 3), dtype=bool)
+    orbits = np.zeros_like(cavity)
+    for k in range(cavity.shape[0]):
+        labels, n = ndimage.label(cavity[k], structure=eight)
+        if n < 2:
+            continue
+        sizes = ndimage.sum_labels(cavity[k], labels, np.arange(1, n + 1))
+        for c in np.flatnonzero(sizes < sizes.max()) + 1:
+            part = labels == c
+            ring = ndimage.binary_dilation(part, structure=eight, iterations=steps) & ~cavity[k]
+            if ring.any() and fat[k][ring].mean() > p.orbit_fat_share:
+                orbits[k] |= part
+    return orbits
 
 
 def frame_seal(bone: np.ndarray, content: np.ndarray) -> np.ndarray:
