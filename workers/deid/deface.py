@@ -17,8 +17,9 @@ the hull. It knows nothing of orientation, so a turned head gets its side painte
    behind the centre; the face protrudes farther beyond the skull than the occiput), checked
    against the patient axes of Image Orientation (Patient); weak or disagreeing cues mean both
    sides are treated as face (privacy first);
-3. everything outside the protected set, below a level just above the orbits and in front of a
-   coronal plane behind the ears, is replaced by air: nose, lips, eyes and orbits, facial bone,
+3. everything outside the protected set, below a level just above the orbits (in front of the
+   cavity: above its orbital roofs, which rise with the face when the chin is down) and in
+   front of a coronal plane behind the ears, is replaced by air: nose, lips, eyes and orbits, facial bone,
    ears' soft tissue. Air rather than noise: it leaves nothing to reconstruct (no silhouette, since
    the whole region including the air around the face is replaced) and no fake structure for the
    models to react to;
