@@ -19,10 +19,10 @@ the hull. It knows nothing of orientation, so a turned head gets its side painte
    sides are treated as face (privacy first);
 3. everything outside the protected set, below a level just above the orbits (in front of the
    cavity: above its orbital roofs, which rise with the face when the chin is down) and in
-   front of a coronal plane behind the ears, is replaced by air: nose, lips, eyes and orbits, facial bone,
-   ears' soft tissue. Air rather than noise: it leaves nothing to reconstruct (no silhouette, since
-   the whole region including the air around the face is replaced) and no fake structure for the
-   models to react to;
+   front of a coronal plane behind the ears, is replaced by air: nose, lips, eyes and orbits,
+   facial bone, ears' soft tissue. Air rather than noise: it leaves nothing to reconstruct (no
+   silhouette, since the whole region including the air around the face is replaced) and no
+   fake structure for the models to react to;
 4. inside the face zone, the protected shell outside the models' input is decided voxel by
    voxel: bone (at least ``wall_from_hu``) and partial-volume bone that touches no brain-like
    voxel joined to the cavity become one constant bone value (orbital roofs, frontal bone:
@@ -194,9 +194,9 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
     extent = _extent_along(grid, cavity, anterior)
     scale = float(np.clip(extent / REFERENCE_AP_MM, 0.6, 1.4))
     top, back = p.top_mm * scale, p.back_mm * scale
-    fronts = [(side * anterior, *_front_of_cavity(grid, found.raw, centre, side * anterior,
-                                                  p.brow_mm * scale, p))
-              for side in ((1, -1) if both_sides else (1,))]
+    cavity_pts = grid.coordinates(found.raw) - centre
+    fronts = [(d, *_front_of_cavity(cavity_pts, d, p.brow_mm * scale, p))
+              for d in ((anterior, -anterior) if both_sides else (anterior,))]
 
     hu = volume.hu.copy()
     replaced = np.zeros(hu.shape, dtype=bool)
@@ -234,13 +234,13 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
                         protected=protected, intracranial=intracranial, info=info)
 
 
-def _front_of_cavity(grid: CoarseGrid, cavity: np.ndarray, centre: np.ndarray,
-                     direction: np.ndarray, brow: float, p: IchnodeParams) -> tuple[float, float]:
+def _front_of_cavity(pts: np.ndarray, direction: np.ndarray, brow: float,
+                     p: IchnodeParams) -> tuple[float, float]:
     """(where "in front" starts along ``direction``, the zone's top there), in mm from the
-    cavity centre. The top is ``brow`` above the floor of the cavity's front part (anterior
-    cranial fossa, orbital roofs): with the chin down that floor rises, and the face with it.
+    cavity centre, given the cavity's voxel positions ``pts`` relative to it. The top is
+    ``brow`` above the floor of the cavity's front part (anterior cranial fossa, orbital roofs):
+    with the chin down that floor rises, and the face with it.
     """
-    pts = grid.coordinates(cavity) - centre
     a = pts @ direction
     front = float(a.max())
     floor = float(np.percentile((pts @ SUPERIOR)[a > p.floor_fraction * front], 2))
