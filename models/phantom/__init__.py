@@ -8,7 +8,7 @@ See docs/phantom.md for the frames, parameters, DICOM encoding and measured figu
 
 # Bumped whenever the same seed renders different images, so caches of rendered cases expire.
 # 2: soft-kernel sharpening no longer rings below the inner table (docs/phantom.md).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 from models.phantom.generate import MASK_NAMES, PhantomStudy, generate_study
 from models.phantom.spec import SUBTYPES, PhantomSpec

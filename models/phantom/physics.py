@@ -81,24 +81,34 @@ def add_streaks(c: Canvas, rng: np.random.Generator) -> np.ndarray:
 
 
 def add_motion(c: Canvas, rng: np.random.Generator) -> list[int]:
-    """Blur and double contours on a few consecutive slices (head moved during rotation)."""
+    """Blur and double contours on a few consecutive slices (head moved during rotation).
+
+    The label fractions move with the image (generator version 3): a voxel the blur filled
+    with skull is no longer called brain, so the ground truth stays true on these slices."""
     k = c.hu.shape[0]
     n = int(rng.integers(1, max(2, k // 6)))
     k0 = int(rng.integers(0, max(1, k - n)))
     ang = rng.uniform(0, 2 * np.pi)
     mag = rng.uniform(2.0, 6.0) / c.geom.model_pixel
-    dj, di = mag * np.sin(ang), mag * np.cos(ang)
+    shift = (mag * np.sin(ang), mag * np.cos(ang))
     out = []
     for kk in range(k0, min(k, k0 + n)):
-        sl = c.hu[kk]
-        acc = np.zeros_like(sl)
-        steps = np.linspace(0, 1, 5)
-        for s in steps:
-            acc += ndimage.shift(sl, (s * dj, s * di), order=1, mode="nearest")
-        c.hu[kk] = 0.6 * acc / len(steps) + 0.4 * ndimage.shift(sl, (dj, di), order=1,
-                                                                 mode="nearest")
+        c.hu[kk] = _moved(c.hu[kk], shift)
+        for frac in c.labels.values():
+            if frac[kk].any():
+                frac[kk] = _moved(frac[kk], shift)
         out.append(kk)
     return out
+
+
+def _moved(sl: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
+    """One slice as the moving head left it: the mean over the path plus the end position.
+    Linear, so HU and label fractions go through the same operator."""
+    acc = np.zeros_like(sl)
+    steps = np.linspace(0, 1, 5)
+    for s in steps:
+        acc += ndimage.shift(sl, (s * shift[0], s * shift[1]), order=1, mode="nearest")
+    return 0.6 * acc / len(steps) + 0.4 * ndimage.shift(sl, shift, order=1, mode="nearest")
 
 
 def _central_gain(c: Canvas) -> np.ndarray:
