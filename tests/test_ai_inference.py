@@ -167,16 +167,21 @@ def test_cli_models_and_analyze(bundles, tmp_path, monkeypatch):
 
 
 def test_models_see_only_the_intracranial_mask(bundles):
-    """Voxels outside the mask never reach the models: changing them changes nothing, and
-    masks stay inside it; a volume without a cranial cavity is refused with a clear reason."""
-    from models.preprocess.cavity import intracranial_mask
+    """Voxels outside the mask never reach the models, nor the values of dense bone inside it
+    (the defacer may destroy them): changing them changes nothing, and masks stay inside it; a
+    volume without a cranial cavity is refused with a clear reason."""
+    from models.preprocess.cavity import DENSE_BONE_HU, intracranial_mask
     from models.preprocess.series import SeriesError
 
     volume, _, _ = labelled_head(5, bleed=True)
     inside = intracranial_mask(volume)
     assert 0 < inside.sum() < inside.size
     noisy = type(volume)(hu=volume.hu.copy(), affine=volume.affine.copy())
-    noisy.hu[~inside] = np.random.default_rng(0).uniform(-1000, 2000, int((~inside).sum()))
+    rng = np.random.default_rng(0)
+    noisy.hu[~inside] = rng.uniform(-1000, 2000, int((~inside).sum()))
+    dense = inside & (volume.hu >= DENSE_BONE_HU)
+    assert dense.any()
+    noisy.hu[dense] = rng.uniform(DENSE_BONE_HU, 3000, int(dense.sum()))
     a, masks_a = analyze_volume(volume, bundles, intracranial=inside)
     b, masks_b = analyze_volume(noisy, bundles, intracranial=inside)
     for label in LABELS:

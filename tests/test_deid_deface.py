@@ -7,7 +7,7 @@ import pytest
 
 from models.phantom import PhantomSpec, generate_study
 from models.volume import Volume
-from models.preprocess.cavity import intracranial_mask
+from models.preprocess.cavity import DENSE_BONE_HU, MODEL_BONE_HU, intracranial_mask
 from workers.deid.deface import ANTERIOR, DefaceError, IchnodeParams, deface, head_frame
 from workers.deid.evaluate import score
 
@@ -41,13 +41,13 @@ def test_ichnode_destroys_face_and_ears(phantom, ichnode):
     study, _ = phantom
     s = score(study.volume, ichnode, study.masks["face"], study.masks["brain"],
               study.masks["ears"])
-    # Soft tissue (the surface a rendering shows) goes almost entirely; facial bone inside the
-    # models' ring (orbital roofs) is kept, which on this coarse grid (1.6 mm pixels, 5 mm
-    # slices) is a wide band. Measured 0.906-0.941 / 0.974-0.995 here; before the zone followed
-    # the orbital roofs and the join to the cavity was bounded 0.89-0.93 / 0.96-0.99. See
-    # docs/deid.md for clinical resolutions.
+    # Soft tissue (the surface a rendering shows) goes almost entirely; partial-volume facial
+    # bone inside the models' ring (orbital roofs) is kept, which on this coarse grid (1.6 mm
+    # pixels, 5 mm slices) is a wide band. Measured 0.924-0.966 / 0.974-0.995 here; with the
+    # ring's dense bone kept 0.905-0.938. See docs/deid.md for clinical
+    # resolutions.
     assert s["face_soft_destroyed"] >= 0.965, s
-    assert s["face_destroyed"] >= 0.90, s
+    assert s["face_destroyed"] >= 0.92, s
     assert s["ears_destroyed"] >= 0.95, s
     # Replaced by air, or (the bony wall of the cavity in the face zone) by one constant bone
     # value: nothing of the original values is left, and the wall stays closed.
@@ -56,9 +56,13 @@ def test_ichnode_destroys_face_and_ears(phantom, ichnode):
     assert set(np.unique(values)) <= {-1000, params.wall_hu}
     wall = ichnode.replaced & (ichnode.volume.hu == params.wall_hu)
     assert wall.any()
-    # Wall voxels were bone or partial-volume bone, never brain-like values.
+    # Wall voxels were bone or partial-volume bone, never brain-like values; inside the models'
+    # ring only dense bone, which the models see as that same value.
     assert np.all(study.volume.hu[wall] >= params.brain_like_hu[1])
-    assert not (wall & ichnode.intracranial).any() and not (wall & study.masks["brain"]).any()
+    assert not (wall & study.masks["brain"]).any()
+    in_ring = wall & ichnode.intracranial
+    assert in_ring.any() and np.all(study.volume.hu[in_ring] >= DENSE_BONE_HU)
+    assert params.wall_hu == MODEL_BONE_HU
 
 
 def test_the_face_zone_follows_a_head_with_the_chin_down():
@@ -84,6 +88,16 @@ def test_brain_lying_on_a_floor_of_thin_slices_is_kept():
     assert not (changed & study.masks["brain"]).any()
     assert score(study.volume, result, study.masks["face"], study.masks["brain"])[
         "face_destroyed"] >= 0.95
+
+
+def test_brain_smeared_over_bone_by_motion_is_kept():
+    """A head that moved during the rotation (seed 107, slice 6) smears the ramp from brain to
+    bone over millimetres: voxels of 224-516 HU that are mostly brain lie 2-3 mm from any
+    brain-like value. Without following the rising ramp, 13 of them became wall."""
+    study = generate_study(PhantomSpec(seed=107, matrix=256, slice_thickness_mm=5.0, motion=True))
+    result = deface(study.volume, "ichnode")
+    s = score(study.volume, result, study.masks["face"], study.masks["brain"])
+    assert s["brain_changed"] == 0 and s["face_destroyed"] >= 0.95, s
 
 
 def test_a_globe_joined_through_a_thick_orbital_roof_is_not_cavity():

@@ -22,7 +22,8 @@ import torch
 from monai.transforms import (Compose, MapTransform, RandAffined, RandFlipd, RandGaussianNoised,
                               RandGaussianSmoothd, RandScaleIntensityd)
 
-from models.preprocess.cavity import CavityNotFound, intracranial_mask, keep_intracranial
+from models.preprocess.cavity import (CavityNotFound, flatten_dense_bone, intracranial_mask,
+                                     keep_intracranial)
 from models.preprocess.transforms import ModelFrame
 from models.results import LABELS, SUBTYPES
 from models.volume import Volume
@@ -93,7 +94,7 @@ def slice_labels_from_masks(frame: ModelFrame, subtype_masks: dict, n_slices: in
 
 
 def model_hu(key: str, volume: Volume) -> np.ndarray:
-    """The volume's HU as the models see them: the cranial cavity only.
+    """The volume's HU as the models see them: the cranial cavity only, dense bone as one value.
 
     A volume without a findable cavity (a 2D slice dataset, a cropped fixture) is kept whole,
     with a warning: inference refuses such a volume, but its labels can still teach.
@@ -102,7 +103,7 @@ def model_hu(key: str, volume: Volume) -> np.ndarray:
         return keep_intracranial(volume.hu, intracranial_mask(volume))
     except CavityNotFound as exc:
         log.warning("%s: %s; training on the whole image", key, exc)
-        return volume.hu
+        return flatten_dense_bone(volume.hu)
 
 
 def case_from_volume(key: str, volume: Volume, frame_args: dict, masks: dict | None = None,
@@ -167,9 +168,10 @@ def phantom_case(seed: int, frame_args: dict, matrix: int = 128, thickness: floa
     """One phantom study as a Case (cached by seed and parameters when ``cache_dir`` is given)."""
     from models.phantom import GENERATOR_VERSION
 
-    # "-ic": intracranial input (older caches held the whole head); "-g": generator version.
+    # "-ic": intracranial input (older caches held the whole head); "-db": dense bone as one
+    # value; "-g": generator version.
     key = (f"phantom-{seed}-m{matrix}-t{thickness}-s{frame_args['spacing_mm']}-{frame_args['size']}"
-           f"-ic-g{GENERATOR_VERSION}")
+           f"-ic-db-g{GENERATOR_VERSION}")
     path = cache_dir / f"{key}.npz" if cache_dir else None
     if path and path.exists():
         return Case.load(path)

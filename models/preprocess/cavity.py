@@ -1,10 +1,11 @@
-"""The cranial cavity of a head CT: what the models look at and what defacing never touches.
+"""The cranial cavity of a head CT: what the models look at and what defacing never changes.
 
 Both the defacer (:mod:`workers.deid.deface`) and the models' preprocessing need the same region:
 the soft content enclosed by the skull. The defacer protects it (plus margins) and writes
-outside it; the models see only it (everything else is set to air). So by construction the
-models' input is the same before and after defacing, and a scalp haematoma, a headrest or the
-face can never drive a finding.
+outside it, inside only dense bone as one value; the models see only it (everything else is
+set to air) and dense bone as that value. So by construction the models' input is the same
+before and after defacing, and a scalp haematoma, a headrest or the face can never drive a
+finding.
 
 How the cavity is found (on a grid block-reduced in plane to ~0.8 mm, slices kept):
 bone is closed and filled in axial, coronal and sagittal planes (a fossa floor cut obliquely is
@@ -24,6 +25,11 @@ from scipy import ndimage
 from models.volume import Volume
 
 AIR_HU = -1000
+# Dense bone (never cavity content: CavityParams.content_hu's upper bound) is shown to the
+# models as one value. Its texture says nothing about bleeding, and the defacer may then
+# destroy the values of facial bone in the models' ring without changing what they see.
+DENSE_BONE_HU = 1000.0
+MODEL_BONE_HU = 1600
 SUPERIOR = np.array([0.0, 0.0, 1.0])  # LPS +z
 
 
@@ -83,7 +89,8 @@ def intracranial_mask(volume: Volume, params: CavityParams | None = None,
     The ring (8-neighbours on the coarse grid, about 1 mm) holds the partial-volume voxels at
     the inner table, where a thin subdural collection lies at coarse pixels. In-plane only: no
     whole neighbouring slice is added. Always a subset of what the defacer protects (the
-    cavity's 26-neighbour shell and more), so defacing never writes what the models see.
+    cavity's 26-neighbour shell and more); inside it the defacer writes only dense bone, as the
+    value the models see it as (``keep_intracranial``), so it never changes what they see.
     """
     found = cavity or find_cavity(volume, params or CavityParams())
     return found.grid.upsample(with_ring(found.mask))
@@ -97,10 +104,16 @@ def with_ring(mask: np.ndarray) -> np.ndarray:
 
 
 def keep_intracranial(hu: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """HU with everything outside ``mask`` set to air: what the models are given."""
+    """HU with everything outside ``mask`` set to air and dense bone flattened: what the
+    models are given."""
     if mask.shape != hu.shape:
         raise ValueError(f"intracranial mask {mask.shape} does not match the volume {hu.shape}")
-    return np.where(mask, hu, np.asarray(AIR_HU, dtype=hu.dtype))
+    return np.where(mask, flatten_dense_bone(hu), np.asarray(AIR_HU, dtype=hu.dtype))
+
+
+def flatten_dense_bone(hu: np.ndarray) -> np.ndarray:
+    """HU with every voxel of at least ``DENSE_BONE_HU`` set to ``MODEL_BONE_HU``."""
+    return np.where(hu >= DENSE_BONE_HU, np.asarray(MODEL_BONE_HU, dtype=hu.dtype), hu)
 
 
 def save_mask(path, mask: np.ndarray) -> None:  # noqa: ANN001

@@ -11,7 +11,7 @@ the hull. It knows nothing of orientation, so a turned head gets its side painte
 1. the cranial cavity is found from the skull (:mod:`models.preprocess.cavity`, the same
    function that masks the models' input); the spinal canal is added. The cavity, its voxel
    shell and margins form the protected set: never written, and checked, as is that the
-   models' intracranial mask lies inside it (so defacing cannot change a model result);
+   models' input is the same after defacing (so defacing cannot change a model result);
 2. anterior is the cavity's long axis in the axial plane (a skull is longer front to back), its
    sign from the image (the deepest cavity part, posterior fossa and foramen magnum, lies
    behind the centre; the face protrudes farther beyond the skull than the occiput), checked
@@ -27,9 +27,11 @@ the hull. It knows nothing of orientation, so a turned head gets its side painte
    voxel: bone (at least ``wall_from_hu``) and partial-volume bone that touches no brain-like
    voxel joined to the cavity become one constant bone value (orbital roofs, frontal bone:
    their values are destroyed, but the cavity keeps a closed wall, so it is found again on the
-   defaced copy; air there let the cavity leak into the orbits); fat, air and brain-like
-   values cut off from the cavity (orbital muscle, globe) become air; brain joined to the
-   cavity and the partial-volume voxels touching it keep their values.
+   defaced copy; air there let the cavity leak into the orbits); so does dense bone in the
+   models' own ring, which they see as that same value; fat, air and brain-like values cut off
+   from the cavity (orbital muscle, globe) become air; brain joined to the cavity, the
+   partial-volume voxels touching it and those on a ramp rising from it (a head that moved
+   smears the brain's edge over millimetres) keep their values.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-from models.preprocess.cavity import (AIR_HU, SUPERIOR, CavityNotFound, CavityParams, CoarseGrid,
-                                     find_cavity, intracranial_mask, largest_component, main_body,
-                                     posterior_dir, with_ring)
+from models.preprocess.cavity import (AIR_HU, DENSE_BONE_HU, MODEL_BONE_HU, SUPERIOR,
+                                     CavityNotFound, CavityParams, CoarseGrid, find_cavity,
+                                     intracranial_mask, keep_intracranial, largest_component,
+                                     main_body, posterior_dir, with_ring)
 from models.volume import Volume
 
 __all__ = ["ANTERIOR", "SUPERIOR", "DefaceError", "DefaceResult", "IchnodeParams", "deface",
@@ -163,8 +166,12 @@ class IchnodeParams(CavityParams):
     # bound) or partial-volume bone without brain near become one constant bone value. The
     # facial bone's own values are gone; a closed wall stays, so the cavity is found again on a
     # defaced copy.
-    wall_hu: float | None = 1600.0  # None: keep the whole shell as it is (no wall, no shell air)
-    wall_from_hu: float = 1000.0  # = content_hu[1]: denser voxels are never cavity content
+    wall_hu: float | None = MODEL_BONE_HU  # None: keep the whole shell (no wall, no shell air)
+    wall_from_hu: float = DENSE_BONE_HU  # = content_hu[1]: denser voxels are never cavity content
+    # Dense bone in the models' own ring inside the face zone (orbital roofs, frontal bone at
+    # the cavity's edge) becomes MODEL_BONE_HU, the one value the models see dense bone as:
+    # its values are destroyed and the models' input does not change.
+    ring_bone: bool = True
     # Partial-volume voxels of the shell (bone mixed with fat, air or brain) join the wall when
     # no brain-like voxel joined to the cavity is within reach: a voxel that is partly brain
     # touches one that is more brain. Fat and air values (never brain), and brain-like values
@@ -174,6 +181,10 @@ class IchnodeParams(CavityParams):
     brain_reach_through_mm: float = 2.5  # missed brain straight above/below the models' input
     # How far (geodesic, in plane) brain missed by the cavity may lie from the models' input.
     brain_join_mm: float | None = 4.0  # None: anywhere in the protected set
+    # A head that moved during the rotation smears the brain-to-bone ramp over the motion's
+    # length (2-6 mm on the phantoms): partial-volume voxels on a ramp rising from joined brain
+    # are part brain and keep their values; see _rising_ramp.
+    ramp_reach_mm: float = 6.0
 
 
 def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> DefaceResult:
@@ -198,6 +209,8 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
     fronts = [(d, *_front_of_cavity(cavity_pts, d, p.brow_mm * scale, p))
               for d in ((anterior, -anterior) if both_sides else (anterior,))]
 
+    # What the models will see: defacing may not change their view of it.
+    intracranial = intracranial_mask(volume, p, found)
     hu = volume.hu.copy()
     replaced = np.zeros(hu.shape, dtype=bool)
     protected = np.zeros(hu.shape, dtype=bool)
@@ -212,10 +225,16 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
             zone &= (xyz @ anterior) > back
         wall = shell_air = np.zeros_like(zone)
         if p.wall_hu is not None:
-            wall, shell_air = _wall_of_shell(
-                volume.hu[k], zone & prot & ~fixed_f[k], soft_near_f[k], brain_like[k],
-                near_brain[k], p)
+            shell = zone & prot & ~fixed_f[k]
+            keep = near_brain[k] | _rising_ramp(brain_like[k], volume.hu[k], shell,
+                                                volume.spacing, p)
+            wall, shell_air = _wall_of_shell(volume.hu[k], shell, soft_near_f[k], brain_like[k],
+                                             keep, p)
             hu[k][wall] = p.wall_hu
+            if p.ring_bone:
+                ring_bone = zone & intracranial[k] & (volume.hu[k] >= DENSE_BONE_HU)
+                hu[k][ring_bone] = MODEL_BONE_HU
+                wall = wall | ring_bone
         zone = (zone & ~prot) | shell_air
         hu[k][zone] = AIR_HU
         replaced[k] = zone | wall
@@ -223,11 +242,9 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
     changed_protected = int(np.count_nonzero(hu[protected] != volume.hu[protected]))
     if changed_protected:  # cannot happen by construction; the check is the proof
         raise AssertionError(f"{changed_protected} protected voxels changed")
-    # What the models will see: must lie inside the never-written set, or defacing could
-    # change a model result.
-    intracranial = intracranial_mask(volume, p, found)
-    if np.any(intracranial & ~protected):
-        raise AssertionError("the models' intracranial mask leaves the protected set")
+    if not np.array_equal(keep_intracranial(hu, intracranial),
+                          keep_intracranial(volume.hu, intracranial)):
+        raise AssertionError("defacing changed what the models see")
     info = {"anterior_lps": [round(float(c), 4) for c in anterior], "both_sides": both_sides,
             "cavity_ml": round(cavity_ml, 1), "scale": round(scale, 3), **cues}
     return DefaceResult(_copy_volume(volume, hu), replaced, "ichnode", time.perf_counter() - start,
@@ -312,6 +329,47 @@ def _brain_like_at_cavity(volume: Volume, fixed: np.ndarray, protected: np.ndarr
     jj, ii = np.ogrid[-rj:rj + 1, -ri:ri + 1]
     disk = (jj * dj) ** 2 + (ii * di) ** 2 <= max(p.brain_reach_mm, dj, di) ** 2 + 1e-6
     return joined, ndimage.binary_dilation(joined, structure=np.repeat(disk[None], 3, axis=0))
+
+
+def _rising_ramp(joined: np.ndarray, hu: np.ndarray, shell: np.ndarray, spacing,
+                 p: IchnodeParams) -> np.ndarray:
+    """bool (j, i): partial-volume voxels (``brain_like_hu[1]`` up to ``wall_from_hu``) of one
+    slice reached from brain-like voxels joined to the cavity by in-plane steps whose values
+    never fall, at most ``ramp_reach_mm`` away.
+
+    Such a path climbs the ramp from brain to bone. Motion smears that ramp over millimetres
+    and its voxels stay part brain. A partial voxel on the far side of a bony wall (orbital
+    roof mixed with orbital fat) is not reached: the values fall past the peak.
+    """
+    lo_hu, hi_hu = p.brain_like_hu
+    partial = (hu >= hi_hu) & (hu < p.wall_from_hu)
+    out = np.zeros_like(shell)
+    if not (shell & partial).any() or not joined.any():
+        return out
+    dj, di = float(spacing[1]), float(spacing[2])
+    steps = max(1, int(np.ceil(p.ramp_reach_mm / min(dj, di))))
+    # Only the shell's bounding box (plus the reach) can matter.
+    js, is_ = np.nonzero(shell & partial)
+    box = (slice(max(0, js.min() - steps), js.max() + steps + 1),
+           slice(max(0, is_.min() - steps), is_.max() + steps + 1))
+    h = np.pad(hu[box].astype(np.float32), 1, constant_values=np.inf)
+    got = np.pad(joined[box], 1)
+    part = np.pad(partial[box], 1)
+    n_j, n_i = got.shape
+    inner = (slice(1, n_j - 1), slice(1, n_i - 1))
+    for _ in range(steps):
+        new = np.zeros_like(got)
+        for sj in (-1, 0, 1):
+            for si in (-1, 0, 1):
+                if sj or si:
+                    src = (slice(1 + sj, n_j - 1 + sj), slice(1 + si, n_i - 1 + si))
+                    new[inner] |= got[src] & (h[inner] >= h[src])
+        new &= part & ~got
+        if not new.any():
+            break
+        got |= new
+    out[box] = got[inner] & part[inner]
+    return out
 
 
 def _wall_of_shell(hu: np.ndarray, shell: np.ndarray, soft_near: np.ndarray,

@@ -5,7 +5,8 @@ volume (``deid.deface_mode``), and writes:
 
 * ``ctx.work_item_dir(pseudo_id)`` — ``volume.npz`` (defaced voxels, affine, an allow-list of
   technical meta), ``intracranial.npz`` (the cranial-cavity mask the models' input is
-  restricted to, found on the original voxels; defacing never writes inside it) and ``item.json`` (pseudonymous study/series/slice UIDs, geometry, defacing
+  restricted to, found on the original voxels; defacing writes inside it only dense bone, as the
+  one value the models see it as) and ``item.json`` (pseudonymous study/series/slice UIDs, geometry, defacing
   facts). No name, ID, date, accession number or original UID: this is all a gpu worker sees.
 * ``ctx.job_dir/defaced/`` — the original instances with defaced pixels and a PS3.15 Annex E
   de-identified header (for research archives via routing).
