@@ -16,7 +16,6 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Enum,
-    Float,
     ForeignKey,
     Integer,
     String,

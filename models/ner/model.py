@@ -45,7 +45,7 @@ def default_labels() -> list[str]:
     return bio_labels(ENTITY_TYPES)
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 3000) -> BertTokenizerFast:
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 3000) -> PreTrainedTokenizerFast:
     """A WordPiece vocabulary learnt from ``texts`` (lower-cased; CJK characters split)."""
     from tokenizers import BertWordPieceTokenizer
 

@@ -335,14 +335,13 @@ def _rising_ramp(joined: np.ndarray, hu: np.ndarray, shell: np.ndarray, spacing,
                  p: IchnodeParams) -> np.ndarray:
     """bool (j, i): partial-volume voxels (``brain_like_hu[1]`` up to ``wall_from_hu``) of one
     slice reached from brain-like voxels joined to the cavity by in-plane steps whose values
-    never fall, at most ``ramp_reach_mm`` away.
+    never fall, at most ``ramp_reach_mm`` away (counted in pixel steps, diagonals as one).
 
     Such a path climbs the ramp from brain to bone. Motion smears that ramp over millimetres
     and its voxels stay part brain. A partial voxel on the far side of a bony wall (orbital
     roof mixed with orbital fat) is not reached: the values fall past the peak.
     """
-    lo_hu, hi_hu = p.brain_like_hu
-    partial = (hu >= hi_hu) & (hu < p.wall_from_hu)
+    partial = (hu >= p.brain_like_hu[1]) & (hu < p.wall_from_hu)
     out = np.zeros_like(shell)
     if not (shell & partial).any() or not joined.any():
         return out
