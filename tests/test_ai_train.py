@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from ai_helpers import labelled_cases, labelled_head
@@ -101,6 +102,23 @@ def test_tiny_triage_training_writes_a_calibrated_bundle(tmp_path, tiny_cases, t
     cfg.spacing_mm = 2.0
     with pytest.raises(ValueError, match="frame"):
         train(cfg, cases=tiny_cases)
+
+
+def test_study_stage_only_keeps_the_slice_encoder(tmp_path, tiny_cases, tiny_segment):
+    """--study-stage-only retrains the GRU and heads on the --init bundle's frozen encoder."""
+    base = dict(kind="triage", epochs=1, spacing_mm=4.0, size=64, network=TRIAGE_NET,
+                segment_bundle=tiny_segment)
+    first = train(TrainConfig(out=tmp_path / "a", **base), cases=tiny_cases)
+    with pytest.raises(ValueError, match="--init"):
+        train(TrainConfig(out=tmp_path / "b", study_stage_only=True, **base), cases=tiny_cases)
+    again = train(TrainConfig(out=tmp_path / "c", study_stage_only=True, init=first, seed=5,
+                              **base), cases=tiny_cases)
+    before, after = (load_bundle(p, "triage").network.state_dict() for p in (first, again))
+    for name, value in before.items():
+        if name.startswith(("encoder.", "slice_aux.")):
+            assert torch.equal(value, after[name]), name
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("study_head."))
+    assert load_bundle(again, "triage").metadata["config"]["study_stage_only"] is True
 
 
 def test_cli_train_segment_on_a_hichit_folder(tmp_path):

@@ -62,6 +62,10 @@ class TrainConfig:
     segment_bundle: Path | None = None  # triage: the segmenter whose probabilities it sees (None = demo)
     init: Path | None = None  # start from this bundle's weights (fine-tuning) instead of random
     hard_mining: float = 0.0  # segment: draw studies by (running loss)^this; 0 = off
+    # triage: keep the --init bundle's slice encoder and retrain only the study stage (GRU and
+    # heads) on its frozen features; an encoder pass per study is cheap, so many more studies
+    # fit in minutes of CPU.
+    study_stage_only: bool = False
 
     @property
     def frame_args(self) -> dict:
@@ -330,21 +334,41 @@ def _study_features(network, cases: list[Case], transform, rng, augmented: int,
 
 def train_triage(cfg: TrainConfig, progress: ProgressFn = _plain_progress, cases=None) -> Path:
     """Two stages, as the RSNA 2019 winners did: (1) the slice CNN on sampled 2.5D slices,
-    (2) the GRU and heads on frozen slice features of whole studies. Then calibration."""
+    (2) the GRU and heads on frozen slice features of whole studies. Then calibration.
+    ``study_stage_only`` skips (1) and keeps the ``init`` bundle's slice CNN."""
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     train, val = _train_val(cfg, progress, cases)
     if not train or not val:
         raise ValueError("no training or validation cases")
+    if cfg.study_stage_only and cfg.init is None:
+        raise ValueError("--study-stage-only needs --init: a bundle whose slice encoder is kept")
     network = _initial_network(cfg)
     seg_bundle = cascade_segmenter(network, cfg.segment_bundle, cfg.frame_args)
     segmenter = seg_bundle.network.eval() if seg_bundle is not None else None
     rng = np.random.default_rng(cfg.seed)
     transform = augmentation(cfg.seed)
     start = time.time()
-    budget = (cfg.max_minutes or 1e9) * 60
+    if not cfg.study_stage_only:
+        _train_slice_stage(cfg, network, train, segmenter, rng, transform, progress, start)
+    _train_study_stage(cfg, network, train, segmenter, rng, transform, progress)
+    network.eval()
+    calibration, aucs = calibration_config(network, val, cfg.target_sensitivity, segmenter)
+    log.info("triage validation AUC %s", json.dumps(aucs))
+    spec = BundleSpec(
+        kind="triage", name="ichnode-triage-demo" if cfg.dataset == "phantom" else "ichnode-triage",
+        version=VERSION, network=cfg.network, frame=cfg.frame_args,
+        extra={"labels": list(LABELS), "inputs": "image+segmentation" if segmenter is not None
+               else "image", "segment_sha256": seg_bundle.sha256 if segmenter is not None else None,
+               **calibration},
+        metadata=_metadata(cfg, len(train), len(val), {"study_auc": aucs}, time.time() - start))
+    return save_bundle(cfg.out, spec, network)
 
-    # Stage 1: slice classifier.
+
+def _train_slice_stage(cfg: TrainConfig, network, train: list[Case], segmenter, rng, transform,
+                       progress: ProgressFn, start: float) -> None:
+    """Stage 1: the slice CNN and its auxiliary head on sampled, augmented 2.5D slices."""
+    budget = (cfg.max_minutes or 1e9) * 60
     slice_labels = np.concatenate([c.slice_labels for c in train if c.slice_labels is not None])
     freq = slice_labels.mean(0)
     pos_weight = torch.from_numpy(np.sqrt((1 - freq) / freq.clip(1e-3))).float().clamp(1, 4)
@@ -368,7 +392,10 @@ def train_triage(cfg: TrainConfig, progress: ProgressFn = _plain_progress, cases
             break
     _save_checkpoint(cfg.out, 0, network, opt, float(loss.detach()))
 
-    # Stage 2: sequence model over frozen features.
+
+def _train_study_stage(cfg: TrainConfig, network, train: list[Case], segmenter, rng, transform,
+                       progress: ProgressFn) -> None:
+    """Stage 2: the GRU and heads over frozen slice features of whole studies."""
     feats = _study_features(network, train, transform, rng, augmented=1, segmenter=segmenter)
     head_params = [p for n, p in network.named_parameters() if not n.startswith("encoder.")
                    and not n.startswith("slice_aux.")]
@@ -397,17 +424,6 @@ def train_triage(cfg: TrainConfig, progress: ProgressFn = _plain_progress, cases
         opt.step()
         sched.step()
     _save_checkpoint(cfg.out, 1, network, opt, float(loss.detach()))
-    network.eval()
-    calibration, aucs = calibration_config(network, val, cfg.target_sensitivity, segmenter)
-    log.info("triage validation AUC %s", json.dumps(aucs))
-    spec = BundleSpec(
-        kind="triage", name="ichnode-triage-demo" if cfg.dataset == "phantom" else "ichnode-triage",
-        version=VERSION, network=cfg.network, frame=cfg.frame_args,
-        extra={"labels": list(LABELS), "inputs": "image+segmentation" if segmenter is not None
-               else "image", "segment_sha256": seg_bundle.sha256 if segmenter is not None else None,
-               **calibration},
-        metadata=_metadata(cfg, len(train), len(val), {"study_auc": aucs}, time.time() - start))
-    return save_bundle(cfg.out, spec, network)
 
 
 # ----- segmentation ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def _train(kind: str, studies: int, val_studies: int, epochs: int, out: Optional
            dataset: str, matrix: int, thickness: float, cache: Optional[Path],
            max_minutes: Optional[float], threads: int, init: Optional[Path],
            lr: float, spacing_mm: float, size: int, segment_bundle: Optional[Path],
-           hard_mining: float) -> None:
+           hard_mining: float, study_stage_only: bool) -> None:
     import logging
 
     from models.ich.train import TrainConfig, train
@@ -37,7 +37,7 @@ def _train(kind: str, studies: int, val_studies: int, epochs: int, out: Optional
                       cache_dir=cache or (Path("var") / "cache" / "phantoms"),
                       max_minutes=max_minutes, threads=threads, init=init, lr=lr,
                       spacing_mm=spacing_mm, size=size, segment_bundle=segment_bundle,
-                      hard_mining=hard_mining)
+                      hard_mining=hard_mining, study_stage_only=study_stage_only)
     try:
         path = train(cfg, _progress)
     except (ValueError, FileNotFoundError) as exc:
@@ -71,10 +71,13 @@ def register(app: typer.Typer, train_app: typer.Typer, evaluate_app: typer.Typer
                 None, help="triage: the segmenter whose probabilities it sees (default: the demo one)"),
             hard_mining: float = typer.Option(
                 0.0, min=0.0, help="segment: draw studies by (running loss)^this (0 = off)"),
+            study_stage_only: bool = typer.Option(
+                False, "--study-stage-only",
+                help="triage: keep --init's slice encoder, retrain only the study stage"),
         ) -> None:
             _train(kind, studies, val_studies, epochs, out, seed, dataset, matrix, thickness,
                    cache, max_minutes, threads, init, lr, spacing_mm, size, segment_bundle,
-                   hard_mining)
+                   hard_mining, study_stage_only)
 
         command.__doc__ = f"Train the {kind} model and write a verified bundle."
         return command
