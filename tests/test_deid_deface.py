@@ -44,8 +44,7 @@ def test_ichnode_destroys_face_and_ears(phantom, ichnode):
     # Soft tissue (the surface a rendering shows) goes almost entirely; partial-volume facial
     # bone inside the models' ring (orbital roofs) is kept, which on this coarse grid (1.6 mm
     # pixels, 5 mm slices) is a wide band. Measured 0.924-0.966 / 0.974-0.995 here; with the
-    # ring's dense bone kept 0.905-0.938. See docs/deid.md for clinical
-    # resolutions.
+    # ring's dense bone kept 0.905-0.938. See docs/deid.md for clinical resolutions.
     assert s["face_soft_destroyed"] >= 0.965, s
     assert s["face_destroyed"] >= 0.92, s
     assert s["ears_destroyed"] >= 0.95, s

@@ -43,7 +43,7 @@ class CavityParams:
     # What fills a cranial cavity. The upper bound sits near the midpoint between brain and
     # cortical bone, so partial-volume voxels at the inner table (also across a slice lying
     # on a fossa floor) count as cavity, as a "brain fraction >= 0.5" mask would.
-    content_hu: tuple[float, float] = (-50.0, 1000.0)  # fat (orbits, scalp) is not content
+    content_hu: tuple[float, float] = (-50.0, DENSE_BONE_HU)  # fat (orbits, scalp) is not content
     coarse_mm: float = 0.8  # in-plane working resolution for the 3D morphology
     margin_mm: float = 1.5  # the defacer's protected shell around the cavity (+ coarse-grid slack)
     close_mm: float = 15.0  # seals sutures, ear canals, fissures before the ring is filled
