@@ -5,9 +5,9 @@ volume's own grid (``hematoma``, ``ventricle_left``, ``ventricle_right``) plus a
 ``hematoma_subtype`` (0 none, else 1 + index in SUBTYPES), as models/results.py specifies.
 
 The models see only the cranial cavity (:mod:`models.preprocess.cavity`): everything outside it
-is air in their input, dense bone is one value, and masks are kept inside it. So defacing, which
-writes there only dense bone as that value, cannot change a result, and nothing outside the skull (scalp haematoma, headrest, face) can
-become a finding.
+is air in their input, dense bone is one value, and masks are kept inside it. So defacing,
+which writes there only dense bone as that value, cannot change a result, and nothing outside
+the skull (scalp haematoma, headrest, face) can become a finding.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@
 See docs/phantom.md for the frames, parameters, DICOM encoding and measured figures.
 """
 
-# Bumped whenever the same seed renders different images, so caches of rendered cases expire.
+# Bumped whenever the same seed renders different images or masks, so caches of rendered cases
+# expire.
 # 2: soft-kernel sharpening no longer rings below the inner table (docs/phantom.md).
+# 3: the label masks move with the motion artefact (same images, truer masks).
 GENERATOR_VERSION = 3
 
 from models.phantom.generate import MASK_NAMES, PhantomStudy, generate_study

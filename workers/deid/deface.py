@@ -46,7 +46,7 @@ from scipy import ndimage
 from models.preprocess.cavity import (AIR_HU, DENSE_BONE_HU, MODEL_BONE_HU, SUPERIOR,
                                      CavityNotFound, CavityParams, CoarseGrid, find_cavity,
                                      intracranial_mask, keep_intracranial, largest_component,
-                                     main_body, posterior_dir, with_ring)
+                                     main_body, posterior_dir)
 from models.volume import Volume
 
 __all__ = ["ANTERIOR", "SUPERIOR", "DefaceError", "DefaceResult", "IchnodeParams", "deface",
@@ -198,9 +198,13 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
     head_c = largest_component(grid.hu > -300)  # the head, not the table or headrest
     centre, anterior, both_sides, cues = _face_direction(grid, cavity, head_c, p)
     cavity = found.mask  # with the foramen magnum fill
+    # What the models will see: defacing may not change their view of it.
+    intracranial = intracranial_mask(volume, p, found)
     # On the volume's grid, once: the loop below and the brain-like join both read them.
-    protected_f, fixed_f, soft_near_f = (grid.upsample(m)
+    protected_f, canal_f, soft_near_f = (grid.upsample(m)
                                          for m in _protected_set(grid, cavity, centre, p))
+    # Never written, but for dense bone in the models' ring: their input and the canal.
+    fixed_f = intracranial | canal_f
     brain_like, near_brain = _brain_like_at_cavity(volume, fixed_f, protected_f, p)
     extent = _extent_along(grid, cavity, anterior)
     scale = float(np.clip(extent / REFERENCE_AP_MM, 0.6, 1.4))
@@ -209,8 +213,6 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
     fronts = [(d, *_front_of_cavity(cavity_pts, d, p.brow_mm * scale, p))
               for d in ((anterior, -anterior) if both_sides else (anterior,))]
 
-    # What the models will see: defacing may not change their view of it.
-    intracranial = intracranial_mask(volume, p, found)
     hu = volume.hu.copy()
     replaced = np.zeros(hu.shape, dtype=bool)
     protected = np.zeros(hu.shape, dtype=bool)
@@ -267,8 +269,7 @@ def _front_of_cavity(pts: np.ndarray, direction: np.ndarray, brow: float,
 def _protected_set(grid: "CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
                    p: IchnodeParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """On the coarse grid: the set never replaced by air (cavity, its shell and margins,
-    spinal canal); the part of it never written at all (the models' input and the canal); and
-    the brain-like margin (soft-valued voxels within ``soft_margin_mm``, whose dense voxels join
+    spinal canal); the spinal canal; and the brain-like margin (soft-valued voxels within ``soft_margin_mm``, whose dense voxels join
     the wall only when no joined brain is near)."""
     # The margin includes the coarse-grid slack, so that upsampling the coarse mask can never
     # leave a full-resolution cavity voxel unprotected.
@@ -289,10 +290,7 @@ def _protected_set(grid: "CoarseGrid", cavity: np.ndarray, centre: np.ndarray,
     soft_near = soft & (near <= p.soft_margin_mm + grid.slack_mm)
     canal = np.zeros_like(protected)
     _protect_canal(canal, cavity, grid, centre, p)
-    # Never written: the models' input (cavity + in-plane ring, as intracranial_mask) and the
-    # canal. The rest of the shell is wall, voxel by voxel (_wall_of_shell).
-    fixed = with_ring(cavity) | canal
-    return protected | soft_near | canal, fixed, soft_near
+    return protected | soft_near | canal, canal, soft_near
 
 
 def _brain_like_at_cavity(volume: Volume, fixed: np.ndarray, protected: np.ndarray,
