@@ -185,6 +185,14 @@ class IchnodeParams(CavityParams):
     # length (2-6 mm on the phantoms): partial-volume voxels on a ramp rising from joined brain
     # are part brain and keep their values; see _rising_ramp.
     ramp_reach_mm: float = 6.0
+    # A partial-volume voxel denser than the midpoint between brain and the local bone peak
+    # (the densest voxel within ``bone_peak_mm`` in plane, one slice up or down) is more bone
+    # than brain whatever its neighbours: it joins the wall even next to brain. The midpoint
+    # never falls below ``bone_majority_floor_hu`` (a thin wall cut obliquely never reaches its
+    # full density); dense real cortical bone (1500-2500 HU) puts it near or above 1000 HU.
+    bone_peak_mm: float = 3.0
+    bone_majority_floor_hu: float = 750.0
+    brain_hu: float = 40.0
 
 
 def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> DefaceResult:
@@ -230,6 +238,7 @@ def deface_ichnode(volume: Volume, params: IchnodeParams | None = None) -> Defac
             shell = zone & prot & ~fixed_f[k]
             keep = near_brain[k] | _rising_ramp(brain_like[k], volume.hu[k], shell,
                                                 volume.spacing, p)
+            keep &= ~_bone_majority(volume.hu, k, shell, volume.spacing, p)
             wall, shell_air = _wall_of_shell(volume.hu[k], shell, soft_near_f[k], brain_like[k],
                                              keep, p)
             hu[k][wall] = p.wall_hu
@@ -366,6 +375,30 @@ def _rising_ramp(joined: np.ndarray, hu: np.ndarray, shell: np.ndarray, spacing,
             break
         got |= new
     out[box] = got[inner] & part[inner]
+    return out
+
+
+def _bone_majority(hu: np.ndarray, k: int, shell: np.ndarray, spacing,
+                   p: IchnodeParams) -> np.ndarray:
+    """bool (j, i): voxels of slice ``k``'s ``shell`` that are more bone than brain by value:
+    at least halfway from ``brain_hu`` to the local bone peak (``bone_peak_mm``), and at
+    least ``bone_majority_floor_hu``.
+
+    A voxel mixing brain with bone of peak value B reads brain + f (B - brain) for a bone
+    fraction f; f > 0.5 is "not brain", whatever brain lies next to it.
+    """
+    out = np.zeros_like(shell)
+    candidates = shell & (hu[k] >= p.bone_majority_floor_hu)
+    if not candidates.any():
+        return out
+    dj, di = float(spacing[1]), float(spacing[2])
+    rj, ri = (max(1, int(round(p.bone_peak_mm / d))) for d in (dj, di))
+    js, is_ = np.nonzero(candidates)
+    box = (slice(max(0, js.min() - rj), js.max() + rj + 1),
+           slice(max(0, is_.min() - ri), is_.max() + ri + 1))
+    near = hu[max(0, k - 1):k + 2, box[0], box[1]]
+    peak = ndimage.maximum_filter(near.max(axis=0), size=(2 * rj + 1, 2 * ri + 1))
+    out[box] = candidates[box] & (hu[k][box] >= (peak + p.brain_hu) / 2)
     return out
 
 
