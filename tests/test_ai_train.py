@@ -53,6 +53,34 @@ def test_seed_ranges_and_hash_split_are_disjoint():
     assert 0.1 < splits.count("test") / 2000 < 0.2 and split_of("case-1") == split_of("case-1")
 
 
+def test_calcification_mimics_go_to_a_share_of_training_phantoms_only(monkeypatch):
+    """`--calcified`: basal ganglia and falx calcifications (the demo's normal study was called
+    a bleed on a basal ganglia calcification) for a fixed share of training seeds; the rest
+    of the head is drawn the same."""
+    from models.ich.data import calcified_seed, phantom_spec
+    from models.phantom.anatomy import draw_subject
+
+    seeds = phantom_seeds("train", 2000)
+    picked = [s for s in seeds if calcified_seed(s, 0.3)]
+    assert 0.25 < len(picked) / len(seeds) < 0.35
+    assert picked == [s for s in seeds if calcified_seed(s, 0.3)]
+    assert not any(calcified_seed(s, 0.0) for s in seeds)
+    plain = [draw_subject(phantom_spec(s, 128, 5.0).resolved()) for s in seeds[:40]]
+    forced = [draw_subject(phantom_spec(s, 128, 5.0, calcified=True).resolved()) for s in seeds[:40]]
+    assert not all(a.bg_calc for a in plain) and all(b.bg_calc and b.falx_calc for b in forced)
+    for a, b in zip(plain, forced):
+        assert (a.gm, a.skull_t, a.pineal_calc) == (b.gm, b.skull_t, b.pineal_calc)
+    # Validation (checkpoint choice, calibration) keeps the population's rates.
+    import models.ich.train as training
+
+    asked = []
+    monkeypatch.setattr(training, "phantom_case", lambda s, *a: asked.append((s, a[-1])))
+    cfg = TrainConfig(kind="triage", out=None, calcified_share=1.0)
+    training.load_cases(cfg, "train", 3)
+    training.load_cases(cfg, "val", 3)
+    assert [c for _, c in asked] == [True] * 3 + [False] * 3
+
+
 @pytest.fixture(scope="module")
 def tiny_cases():
     return labelled_cases(8, 0), labelled_cases(6, 100)

@@ -129,19 +129,28 @@ def case_from_volume(key: str, volume: Volume, frame_args: dict, masks: dict | N
 
 
 # ----- phantoms -------------------------------------------------------------------------------
-def phantom_spec(seed: int, matrix: int, thickness: float | None):
+def phantom_spec(seed: int, matrix: int, thickness: float | None, calcified: bool = False):
     from models.phantom import PhantomSpec
 
     fixed = {"matrix": matrix}
     if thickness:
         fixed["slice_thickness_mm"] = thickness
+    if calcified:
+        fixed["extra"] = {"calcified": True}
     return PhantomSpec.random(seed, **fixed)
 
 
-def phantom_study(seed: int, matrix: int = 128, thickness: float | None = 5.0):
+def phantom_study(seed: int, matrix: int = 128, thickness: float | None = 5.0,
+                  calcified: bool = False):
     from models.phantom import generate_study
 
-    return generate_study(phantom_spec(seed, matrix, thickness))
+    return generate_study(phantom_spec(seed, matrix, thickness, calcified))
+
+
+def calcified_seed(seed: int, share: float) -> bool:
+    """Whether training phantom ``seed`` gets the calcification mimics (``share`` of seeds,
+    the same ones on every run)."""
+    return share > 0 and float(np.random.default_rng([seed, 0xCA1C]).random()) < share
 
 
 def study_truth(study) -> dict:  # noqa: ANN001
@@ -164,18 +173,18 @@ def _float(value) -> float | None:  # noqa: ANN001
 
 
 def phantom_case(seed: int, frame_args: dict, matrix: int = 128, thickness: float | None = 5.0,
-                 cache_dir: Path | None = None) -> Case:
+                 cache_dir: Path | None = None, calcified: bool = False) -> Case:
     """One phantom study as a Case (cached by seed and parameters when ``cache_dir`` is given)."""
     from models.phantom import GENERATOR_VERSION
 
     # "-ic": intracranial input (older caches held the whole head); "-db": dense bone as one
-    # value; "-g": generator version.
+    # value; "-g": generator version; "-calc": calcification mimics forced.
     key = (f"phantom-{seed}-m{matrix}-t{thickness}-s{frame_args['spacing_mm']}-{frame_args['size']}"
-           f"-ic-db-g{GENERATOR_VERSION}")
+           f"-ic-db{'-calc' if calcified else ''}-g{GENERATOR_VERSION}")
     path = cache_dir / f"{key}.npz" if cache_dir else None
     if path and path.exists():
         return Case.load(path)
-    study = phantom_study(seed, matrix, thickness)
+    study = phantom_study(seed, matrix, thickness, calcified)
     subtype_masks = {s: study.masks[s] for s in SUBTYPES if s in study.masks}
     truth = study_truth(study)
     study_labels = np.array(truth["study_labels"], np.float32) if truth["study_labels"] else None

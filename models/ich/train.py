@@ -26,7 +26,8 @@ from monai.losses import DiceCELoss
 from scipy.special import expit, logit
 
 from models.ich.bundle import BundleSpec, save_bundle
-from models.ich.data import (Case, augment, augmentation, phantom_case, window_jitter)
+from models.ich.data import (Case, augment, augmentation, calcified_seed, phantom_case,
+                             window_jitter)
 from models.ich.networks import IN_CHANNELS, build_network, triage_input
 from models.preprocess.transforms import model_input, neighbour_offset, window_channels
 from models.results import LABELS
@@ -62,6 +63,9 @@ class TrainConfig:
     segment_bundle: Path | None = None  # triage: the segmenter whose probabilities it sees (None = demo)
     init: Path | None = None  # start from this bundle's weights (fine-tuning) instead of random
     hard_mining: float = 0.0  # segment: draw studies by (running loss)^this; 0 = off
+    # Share of training phantoms given basal ganglia and falx calcifications (hemorrhage
+    # mimics: the population draws them in 5-30 % of heads).
+    calcified_share: float = 0.0
     # triage: keep the --init bundle's slice encoder and retrain only the study stage (GRU and
     # heads) on its frozen features; an encoder pass per study is cheap, so many more studies
     # fit in minutes of CPU.
@@ -103,7 +107,11 @@ def split_of(key: str, val_share: float = 0.15, test_share: float = 0.15) -> str
 def load_cases(cfg: TrainConfig, split: str, n: int, progress: ProgressFn = _plain_progress) -> list[Case]:
     if cfg.dataset == "phantom":
         seeds = phantom_seeds(split, n)
-        return [phantom_case(s, cfg.frame_args, cfg.matrix, cfg.thickness, cfg.cache_dir)
+        # Calcification mimics only where the model learns: validation and evaluation keep the
+        # population's rates.
+        share = cfg.calcified_share if split == "train" else 0.0
+        return [phantom_case(s, cfg.frame_args, cfg.matrix, cfg.thickness, cfg.cache_dir,
+                             calcified_seed(s, share))
                 for s in progress(seeds, f"phantoms ({split})", len(seeds))]
     from models.ich import datasets
 

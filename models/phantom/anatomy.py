@@ -57,6 +57,10 @@ def draw_subject(spec: PhantomSpec) -> Subject:
     age = spec.age_years
     atrophy = float(np.clip((age - 45) / 45, 0, 1) * r.uniform(0.5, 1.3))
     gm = r.uniform(35, 40)
+    # spec.extra["calcified"]: basal ganglia and falx calcifications for certain (hemorrhage
+    # mimics; training draws more of them than the population has). Drawn first all the same,
+    # so the rest of the subject does not change.
+    calcified = bool(spec.extra.get("calcified", False))
     return Subject(
         atrophy=atrophy, skull_t=r.uniform(5.5, 7.5), scalp_fat=r.uniform(2.5, 5.5),
         gm=gm, wm=gm - r.uniform(7, 10), csf=r.uniform(3, 10),
@@ -65,8 +69,8 @@ def draw_subject(spec: PhantomSpec) -> Subject:
         sulcus_w=0.35 + 1.2 * atrophy, csf_w=1.0 + 2.4 * atrophy, asym=r.uniform(-0.08, 0.08),
         pineal_calc=bool(r.random() < (0.2 if age < 30 else 0.65)),
         choroid_calc=bool(r.random() < (0.3 if age < 40 else 0.75)),
-        falx_calc=bool(r.random() < 0.1 + 0.2 * (age > 50)),
-        bg_calc=bool(r.random() < 0.05 + 0.1 * (age > 60)),
+        falx_calc=bool(r.random() < 0.1 + 0.2 * (age > 50)) or calcified,
+        bg_calc=bool(r.random() < 0.05 + 0.1 * (age > 60)) or calcified,
         suture_open=float(np.clip(1.3 - age / 60, 0.15, 1.0)),
         sinus_fluid=float(r.random() < 0.25) * r.uniform(0.2, 0.8),
     )

@@ -23,7 +23,7 @@ def _train(kind: str, studies: int, val_studies: int, epochs: int, out: Optional
            dataset: str, matrix: int, thickness: float, cache: Optional[Path],
            max_minutes: Optional[float], threads: int, init: Optional[Path],
            lr: float, spacing_mm: float, size: int, segment_bundle: Optional[Path],
-           hard_mining: float, study_stage_only: bool) -> None:
+           hard_mining: float, study_stage_only: bool, calcified_share: float) -> None:
     import logging
 
     from models.ich.train import TrainConfig, train
@@ -37,7 +37,8 @@ def _train(kind: str, studies: int, val_studies: int, epochs: int, out: Optional
                       cache_dir=cache or (Path("var") / "cache" / "phantoms"),
                       max_minutes=max_minutes, threads=threads, init=init, lr=lr,
                       spacing_mm=spacing_mm, size=size, segment_bundle=segment_bundle,
-                      hard_mining=hard_mining, study_stage_only=study_stage_only)
+                      hard_mining=hard_mining, study_stage_only=study_stage_only,
+                      calcified_share=calcified_share)
     try:
         path = train(cfg, _progress)
     except (ValueError, FileNotFoundError) as exc:
@@ -74,10 +75,13 @@ def register(app: typer.Typer, train_app: typer.Typer, evaluate_app: typer.Typer
             study_stage_only: bool = typer.Option(
                 False, "--study-stage-only",
                 help="triage: keep --init's slice encoder, retrain only the study stage"),
+            calcified: float = typer.Option(
+                0.0, "--calcified", min=0.0, max=1.0,
+                help="phantoms: share of training studies given calcification mimics"),
         ) -> None:
             _train(kind, studies, val_studies, epochs, out, seed, dataset, matrix, thickness,
                    cache, max_minutes, threads, init, lr, spacing_mm, size, segment_bundle,
-                   hard_mining, study_stage_only)
+                   hard_mining, study_stage_only, calcified)
 
         command.__doc__ = f"Train the {kind} model and write a verified bundle."
         return command
