@@ -355,8 +355,10 @@ def test_orthanc_config_starts_and_accepts_the_node(tmp_path):
         assert assoc.is_established
         assert assoc.send_c_echo().Status == 0x0000
         assoc.release()
-        # DicomCheckCalledAet: a wrong called AE is rejected.
+        # DicomCheckCalledAet: a wrong called AE is refused. Orthanc answers A-ASSOCIATE-RJ,
+        # but once in a full CI run on a loaded machine pynetdicom reported the attempt as
+        # aborted instead (not established, not rejected). Either way no association is made.
         assoc = ae.associate("127.0.0.1", dicom_port, ae_title="NOTORTHANC")
-        assert assoc.is_rejected
+        assert not assoc.is_established and (assoc.is_rejected or assoc.is_aborted)
     finally:
         proc.stop()
