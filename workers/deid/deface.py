@@ -355,9 +355,7 @@ def _rising_ramp(joined: np.ndarray, hu: np.ndarray, shell: np.ndarray, spacing,
     dj, di = float(spacing[1]), float(spacing[2])
     steps = max(1, int(np.ceil(p.ramp_reach_mm / min(dj, di))))
     # Only the shell's bounding box (plus the reach) can matter.
-    js, is_ = np.nonzero(shell & partial)
-    box = (slice(max(0, js.min() - steps), js.max() + steps + 1),
-           slice(max(0, is_.min() - steps), is_.max() + steps + 1))
+    box = _box_around(shell & partial, steps, steps)
     h = np.pad(hu[box].astype(np.float32), 1, constant_values=np.inf)
     got = np.pad(joined[box], 1)
     part = np.pad(partial[box], 1)
@@ -393,13 +391,18 @@ def _bone_majority(hu: np.ndarray, k: int, shell: np.ndarray, spacing,
         return out
     dj, di = float(spacing[1]), float(spacing[2])
     rj, ri = (max(1, int(round(p.bone_peak_mm / d))) for d in (dj, di))
-    js, is_ = np.nonzero(candidates)
-    box = (slice(max(0, js.min() - rj), js.max() + rj + 1),
-           slice(max(0, is_.min() - ri), is_.max() + ri + 1))
+    box = _box_around(candidates, rj, ri)
     near = hu[max(0, k - 1):k + 2, box[0], box[1]]
     peak = ndimage.maximum_filter(near.max(axis=0), size=(2 * rj + 1, 2 * ri + 1))
     out[box] = candidates[box] & (hu[k][box] >= (peak + p.brain_hu) / 2)
     return out
+
+
+def _box_around(mask: np.ndarray, rj: int, ri: int) -> tuple[slice, slice]:
+    """The bounding box of a non-empty 2D ``mask`` grown by ``rj``/``ri`` pixels (clipped at 0)."""
+    js, is_ = np.nonzero(mask)
+    return (slice(max(0, js.min() - rj), js.max() + rj + 1),
+            slice(max(0, is_.min() - ri), is_.max() + ri + 1))
 
 
 def _wall_of_shell(hu: np.ndarray, shell: np.ndarray, soft_near: np.ndarray,
