@@ -125,6 +125,11 @@ class QueueSection(Section):
     max_attempts: int = Field(3, ge=1, le=20, description="Attempts of a job before it is failed")
     retry_backoff_s: float = Field(5.0, ge=0, description="First retry delay; doubles each attempt")
     task_timeout_s: float = Field(900.0, gt=0, description="Hard time limit of one task")
+    lost_worker_grace_s: float = Field(
+        60.0, ge=5, le=3600,
+        description="Margin past the task limit and the longest retry countdown before a RUNNING "
+        "job without row updates is taken as lost with its worker and re-published",
+    )
     steps: list[str] = Field(
         default_factory=lambda: ["prepare", "deid", "analyze", "report"],
         description="Pipeline steps run one after the other (modules in workers/steps)",
@@ -161,7 +166,7 @@ class QueueSection(Section):
     def running_lost_after_s(self) -> float:
         """A RUNNING job without any row update for this long lost its worker (host died):
         a live worker updates the row at least at every start, retry note and finish."""
-        return self.task_timeout_s + self.longest_retry_delay_s + 60.0
+        return self.task_timeout_s + self.longest_retry_delay_s + self.lost_worker_grace_s
 
     @property
     def broker_visibility_timeout_s(self) -> int:
@@ -169,7 +174,8 @@ class QueueSection(Section):
         can legitimately hold one (run + retry countdowns) — a redelivery keeps the token, so
         an early one could run a step twice — and longer than running_lost_after_s, so the
         node's re-dispatch with a new token comes first and the late copy is dropped."""
-        return int(self.task_timeout_s + self.retry_backoff_s * 2 ** self.max_attempts + 300)
+        return int(self.task_timeout_s + self.retry_backoff_s * 2 ** self.max_attempts
+                   + self.lost_worker_grace_s + 240)
 
 
 class Destination(Section):

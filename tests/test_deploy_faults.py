@@ -21,6 +21,7 @@ import pytest
 from deploy_helpers import (Deployment, RedisServer, build_corpus, check_spool_integrity,
                             send_corpus, store_responses, storescu, storescu_async, wait_until,
                             write_tiny_study)
+from queue_helpers import block_one_file, unblock
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -286,9 +287,10 @@ def _pipeline(deployment, **overrides) -> Deployment:
 
     steps = usable_steps()
     # A short task limit (the node re-dispatches a job RUNNING without progress after limit +
-    # 60 s), still long enough for CPU inference of a small study once analyze is in the chain.
+    # retry countdown + grace), still long enough for CPU inference of a small study once
+    # analyze is in the chain; a short grace, since these workers write their rows at once.
     queue = {"task_timeout_s": 60.0, "retry_backoff_s": 1.0, "dispatch_interval_s": 0.5,
-             **overrides.pop("queue", {})}
+             "lost_worker_grace_s": 10.0, **overrides.pop("queue", {})}
     return deployment(steps=steps, side_steps=[], pacs="report" in steps, queue=queue,
                       **overrides)
 
@@ -370,18 +372,44 @@ def test_whole_worker_killed_mid_task_and_replaced(deployment, pipeline_studies)
     """kill -9 a whole worker (main + pool) mid-task, as a host dying: its message stays
     unacknowledged in Redis; the node's dispatcher re-dispatches the job once it has been
     RUNNING without progress past the task time limit, and a replacement worker finishes it.
-    A late redelivery of the old message is dropped (stale token): results arrive once."""
+    A late redelivery of the old message is dropped (stale token): results arrive once.
+
+    The worker is held mid-task on purpose (one spool file of each study is a FIFO until the
+    kill), so the kill never lands between two steps and the lost-worker path always runs."""
     dep = _pipeline(deployment)
     dep.start_node()
+    sent = _send_studies(dep, pipeline_studies)  # no worker yet: the jobs wait in Redis
+    held = _hold_every_study(dep, sent)
     worker = dep.add_worker("deid,gpu,ner,report")
-    sent = _send_studies(dep, pipeline_studies)
-    _running_job(dep, "deid")
+    _running_job(dep, "prepare")
     fault()
     for pid in reversed(worker.tree_pids()):
         worker.kill9(pid)
     worker.popen.wait(10)
+    for fifo, saved in held:
+        unblock(fifo, saved)
+        saved.unlink()  # the spool holds exactly what was sent again
     dep.add_worker("deid,gpu,ner,report")  # the host comes back / another host takes over
     _assert_results_once(dep, sent, timeout=420)
+    assert "worker lost (running without progress" in dep.node.log_text()
+
+
+def _hold_every_study(dep: Deployment, sent: dict[str, int]) -> list[tuple[Path, Path]]:
+    """Once every study has its job, swap one spool file of each job's series for a FIFO."""
+    from node.config import load_settings
+    from node.index import Index
+
+    from deploy_helpers import job_rows
+
+    jobs = wait_until(lambda: [r["job"] for r in job_rows(dep.config)
+                               if r["study"] in sent] if len(job_rows(dep.config)) >= len(sent)
+                      else None, 60, 0.2, what="a job per study")
+    settings = load_settings(dep.config)
+    index = Index(settings.storage.resolved_index_url)
+    try:
+        return [block_one_file(settings, index, job) for job in jobs]
+    finally:
+        index.dispose()
 
 
 @pytest.mark.slow

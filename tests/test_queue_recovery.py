@@ -308,6 +308,8 @@ def test_dead_worker_host_job_is_redone_exactly_once(redis_node, tmp_path):
 @pytest.mark.parametrize("queue", [
     {}, {"task_timeout_s": 30, "retry_backoff_s": 0, "max_attempts": 1},
     {"task_timeout_s": 60, "retry_backoff_s": 30, "max_attempts": 10},
+    {"task_timeout_s": 30, "lost_worker_grace_s": 5},
+    {"task_timeout_s": 30, "lost_worker_grace_s": 3600, "max_attempts": 1},
 ])
 def test_time_limits_are_ordered(tmp_path, queue):
     """A live worker's longest silence < lost-worker detection < Redis redelivery, for any
