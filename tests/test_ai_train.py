@@ -81,6 +81,26 @@ def test_calcification_mimics_go_to_a_share_of_training_phantoms_only(monkeypatc
     assert [c for _, c in asked] == [True] * 3 + [False] * 3
 
 
+def test_matrix_mix_goes_to_training_phantoms_only(monkeypatch):
+    """`--matrices 128,256,512`: each training seed gets one matrix (every run the same), all
+    of them used; validation stays at --matrix so checkpoints compare across runs."""
+    from models.ich.data import matrix_of_seed
+
+    seeds = phantom_seeds("train", 600)
+    drawn = [matrix_of_seed(s, 128, (128, 256, 512)) for s in seeds]
+    assert drawn == [matrix_of_seed(s, 128, (128, 256, 512)) for s in seeds]
+    assert all(0.25 < drawn.count(m) / len(drawn) < 0.42 for m in (128, 256, 512))
+    assert {matrix_of_seed(s, 192) for s in seeds} == {192}
+    import models.ich.train as training
+
+    asked = []
+    monkeypatch.setattr(training, "phantom_case", lambda s, f, m, *a: asked.append(m))
+    cfg = TrainConfig(kind="segment", out=None, matrix=128, matrices=(256, 512))
+    training.load_cases(cfg, "train", 20)
+    training.load_cases(cfg, "val", 5)
+    assert set(asked[:20]) == {256, 512} and asked[20:] == [128] * 5
+
+
 @pytest.fixture(scope="module")
 def tiny_cases():
     return labelled_cases(8, 0), labelled_cases(6, 100)

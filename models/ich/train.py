@@ -26,7 +26,8 @@ from monai.losses import DiceCELoss
 from scipy.special import expit, logit
 
 from models.ich.bundle import BundleSpec, save_bundle
-from models.ich.data import (Case, augment, augmentation, calcified_seed, phantom_case,
+from models.ich.data import (Case, augment, augmentation, calcified_seed, matrix_of_seed,
+                            phantom_case,
                              window_jitter)
 from models.ich.networks import IN_CHANNELS, build_network, triage_input
 from models.preprocess.transforms import model_input, neighbour_offset, window_channels
@@ -66,6 +67,9 @@ class TrainConfig:
     # Share of training phantoms given basal ganglia and falx calcifications (hemorrhage
     # mimics: the population draws them in 5-30 % of heads).
     calcified_share: float = 0.0
+    # Phantom matrices drawn per training seed (empty = ``matrix`` for all). Validation and
+    # evaluation stay at ``matrix``.
+    matrices: tuple[int, ...] = ()
     # triage: keep the --init bundle's slice encoder and retrain only the study stage (GRU and
     # heads) on its frozen features; an encoder pass per study is cheap, so many more studies
     # fit in minutes of CPU.
@@ -110,8 +114,9 @@ def load_cases(cfg: TrainConfig, split: str, n: int, progress: ProgressFn = _pla
         # Calcification mimics only where the model learns: validation and evaluation keep the
         # population's rates.
         share = cfg.calcified_share if split == "train" else 0.0
-        return [phantom_case(s, cfg.frame_args, cfg.matrix, cfg.thickness, cfg.cache_dir,
-                             calcified_seed(s, share))
+        matrices = cfg.matrices if split == "train" else ()
+        return [phantom_case(s, cfg.frame_args, matrix_of_seed(s, cfg.matrix, matrices),
+                             cfg.thickness, cfg.cache_dir, calcified_seed(s, share))
                 for s in progress(seeds, f"phantoms ({split})", len(seeds))]
     from models.ich import datasets
 

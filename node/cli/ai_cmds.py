@@ -23,7 +23,8 @@ def _train(kind: str, studies: int, val_studies: int, epochs: int, out: Optional
            dataset: str, matrix: int, thickness: float, cache: Optional[Path],
            max_minutes: Optional[float], threads: int, init: Optional[Path],
            lr: float, spacing_mm: float, size: int, segment_bundle: Optional[Path],
-           hard_mining: float, study_stage_only: bool, calcified_share: float) -> None:
+           hard_mining: float, study_stage_only: bool, calcified_share: float,
+           matrices: str) -> None:
     import logging
 
     from models.ich.train import TrainConfig, train
@@ -38,7 +39,7 @@ def _train(kind: str, studies: int, val_studies: int, epochs: int, out: Optional
                       max_minutes=max_minutes, threads=threads, init=init, lr=lr,
                       spacing_mm=spacing_mm, size=size, segment_bundle=segment_bundle,
                       hard_mining=hard_mining, study_stage_only=study_stage_only,
-                      calcified_share=calcified_share)
+                      calcified_share=calcified_share, matrices=_matrices(matrices))
     try:
         path = train(cfg, _progress)
     except (ValueError, FileNotFoundError) as exc:
@@ -46,6 +47,16 @@ def _train(kind: str, studies: int, val_studies: int, epochs: int, out: Optional
     meta = json.loads((path / "metadata.json").read_text())
     console.print(f"[green]{kind} bundle written to {path}[/] (sha256 {meta['sha256'][:16]}...)")
     console.print(f"validation: {json.dumps(meta.get('validation'))}", highlight=False)
+
+
+def _matrices(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        fail(f"--matrices takes comma-separated integers, got {text!r}")
+    if any(not 64 <= v <= 1024 for v in values):
+        fail("--matrices: each matrix must lie between 64 and 1024")
+    return values
 
 
 def register(app: typer.Typer, train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
@@ -78,10 +89,14 @@ def register(app: typer.Typer, train_app: typer.Typer, evaluate_app: typer.Typer
             calcified: float = typer.Option(
                 0.0, "--calcified", min=0.0, max=1.0,
                 help="phantoms: share of training studies given calcification mimics"),
+            matrices: str = typer.Option(
+                "", "--matrices",
+                help="phantoms: matrices drawn per training study, e.g. 128,256,512 "
+                     "(validation stays at --matrix)"),
         ) -> None:
             _train(kind, studies, val_studies, epochs, out, seed, dataset, matrix, thickness,
                    cache, max_minutes, threads, init, lr, spacing_mm, size, segment_bundle,
-                   hard_mining, study_stage_only, calcified)
+                   hard_mining, study_stage_only, calcified, matrices)
 
         command.__doc__ = f"Train the {kind} model and write a verified bundle."
         return command
