@@ -69,8 +69,12 @@ def collect(seeds: list[int], matrix: int, thickness: float, threads: int = 2) -
     from models.ich.data import phantom_study
     from models.ich.inference import analyze_volume, load_models
 
+    from node.config import load_settings
+
     torch.set_num_threads(threads)
-    triage, segment, device = load_models()
+    # The configured bundles (ICHNODE_MODELS__TRIAGE/SEGMENT or ichnode.yaml), so a candidate
+    # segmenter is tuned with the triage model it will run beside.
+    triage, segment, device = load_models(load_settings())
     segment = copy.copy(segment)
     segment.config = {k: v for k, v in segment.config.items() if k != "postprocess"}
     rows = []
