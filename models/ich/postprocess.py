@@ -68,7 +68,6 @@ def collect(seeds: list[int], matrix: int, thickness: float, threads: int = 2) -
 
     from models.ich.data import phantom_study
     from models.ich.inference import analyze_volume, load_models
-
     from node.config import load_settings
 
     torch.set_num_threads(threads)

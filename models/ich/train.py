@@ -27,8 +27,7 @@ from scipy.special import expit, logit
 
 from models.ich.bundle import BundleSpec, save_bundle
 from models.ich.data import (Case, augment, augmentation, calcified_seed, matrix_of_seed,
-                            phantom_case,
-                             window_jitter)
+                             phantom_case, window_jitter)
 from models.ich.networks import IN_CHANNELS, build_network, triage_input
 from models.preprocess.transforms import model_input, neighbour_offset, window_channels
 from models.results import LABELS
