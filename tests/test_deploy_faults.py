@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -312,16 +313,25 @@ def _running_job(dep: Deployment, step: str | None = None) -> dict:
     return wait_until(running, 120, 0.1, what=f"a job running {step or ''}")
 
 
-def _current_step(dep: Deployment, job_id: int) -> str | None:
+@contextmanager
+def _node_index(dep: Deployment):
+    """The deployment's settings and an open index on its database (disposed afterwards)."""
     from node.config import load_settings
-    from node.index import Index, Job
+    from node.index import Index
 
-    index = Index(load_settings(dep.config).storage.resolved_index_url)
+    settings = load_settings(dep.config)
+    index = Index(settings.storage.resolved_index_url)
     try:
-        with index.session() as s:
-            return s.get(Job, job_id).step
+        yield settings, index
     finally:
         index.dispose()
+
+
+def _current_step(dep: Deployment, job_id: int) -> str | None:
+    from node.index import Job
+
+    with _node_index(dep) as (_, index), index.session() as s:
+        return s.get(Job, job_id).step
 
 
 def _assert_results_once(dep: Deployment, sent: dict[str, int], timeout: float = 240) -> None:
@@ -403,20 +413,15 @@ def _release(held: list[tuple[Path, Path]]) -> None:
 
 def _hold_every_study(dep: Deployment, sent: dict[str, int]) -> list[tuple[Path, Path]]:
     """Once every study has its job, swap one spool file of each job's series for a FIFO."""
-    from node.config import load_settings
-    from node.index import Index
-
     from deploy_helpers import job_rows
 
-    jobs = wait_until(lambda: [r["job"] for r in job_rows(dep.config)
-                               if r["study"] in sent] if len(job_rows(dep.config)) >= len(sent)
-                      else None, 60, 0.2, what="a job per study")
-    settings = load_settings(dep.config)
-    index = Index(settings.storage.resolved_index_url)
-    try:
+    def one_job_per_study():
+        jobs = [r["job"] for r in job_rows(dep.config) if r["study"] in sent]
+        return jobs if len(jobs) == len(sent) else None
+
+    jobs = wait_until(one_job_per_study, 60, 0.2, what="a job per study")
+    with _node_index(dep) as (settings, index):
         return [block_one_file(settings, index, job) for job in jobs]
-    finally:
-        index.dispose()
 
 
 @pytest.mark.slow
