@@ -191,3 +191,43 @@ def test_masks_move_with_the_motion_artefact():
     brain = np.asarray(s.masks["brain"], bool)[moved]
     assert brain.sum() > 1000
     assert int((brain & (s.volume.hu[moved] >= 1000)).sum()) == 0
+
+
+def test_upsampled_masks_keep_the_painted_volume():
+    # A one-voxel shell of fraction 0.6 (a thin subdural rim) and a blob with soft edges: each
+    # model voxel of fraction p becomes about 4p of its 2x2 output voxels (no rim voxel of
+    # fraction >= 0.25 vanishes; nothing appears outside painted voxels).
+    from models.phantom.generate import upsample_mask
+
+    yy, xx = np.mgrid[:40, :40]
+    r = np.hypot(yy - 19.5, xx - 19.5)
+    shell = np.where(np.abs(r - 14) < 0.5, 0.6, 0.0)[None].astype(np.float32)
+    blob = np.clip(8 - r, 0, 1)[None].astype(np.float32)
+    for frac in (shell, blob):
+        up = upsample_mask(frac, 2, preserve_volume=True)
+        assert up.sum() / 4 == pytest.approx(frac.sum(), rel=0.03)
+        per_voxel = up[0].reshape(40, 2, 40, 2).sum(axis=(1, 3))
+        assert (per_voxel[frac[0] >= 0.25] >= 1).all()
+        assert (per_voxel[frac[0] == 0] == 0).all()
+    assert np.array_equal(upsample_mask(shell, 1, preserve_volume=True), shell >= 0.5)
+    assert upsample_mask(shell, 2).sum() < 0.25 * upsample_mask(shell, 2, True).sum()  # 0.5 threshold
+
+
+def test_matrix_512_masks_hold_the_painted_blood():
+    # 256 and 512 are painted on the same 256 canvas. At 512 each canvas voxel of fraction p
+    # becomes ~4p output voxels of a lesion or ventricle mask, so the mask holds the painted
+    # volume (a thin subdural at 512 once came out with half of it). 256 thresholds the
+    # fraction at 0.5, which counts a thin rim's partial voxels whole: its subdural is larger.
+    # Anatomy masks (brain) stay "mostly this tissue" at both matrices.
+    spec = dict(subtypes=("subdural",), slice_thickness_mm=5.0)
+    lo = generate_study(PhantomSpec(seed=1001, matrix=256, **spec))
+    hi = generate_study(PhantomSpec(seed=1001, matrix=512, **spec))
+    canvas_ml = lo.truth["voxel_ml"]
+    ml = lambda s, name: s.masks[name].sum() * s.truth["voxel_ml"]  # noqa: E731
+    for name in ("subdural", "ventricle_left"):
+        painted = lo.masks._frac[name].sum() * canvas_ml
+        assert ml(hi, name) == pytest.approx(painted, rel=0.03), name
+    assert ml(lo, "subdural") > ml(hi, "subdural")
+    assert np.array_equal(hi.masks["hematoma"], hi.masks["subdural"])
+    assert hi.truth["volume_ml"]["subdural"] > 0.6 * lo.truth["volume_ml"]["subdural"]
+    assert ml(hi, "brain") == pytest.approx(ml(lo, "brain"), rel=0.01)

@@ -10,7 +10,9 @@ See docs/phantom.md for the frames, parameters, DICOM encoding and measured figu
 # expire.
 # 2: soft-kernel sharpening no longer rings below the inner table (docs/phantom.md).
 # 3: the label masks move with the motion artefact (same images, truer masks).
-GENERATOR_VERSION = 3
+# 4: hematoma and ventricle masks above the 256 canvas (matrix 512) keep the painted volume
+#    (same images, truer masks).
+GENERATOR_VERSION = 4
 
 from models.phantom.generate import MASK_NAMES, PhantomStudy, generate_study
 from models.phantom.spec import SUBTYPES, PhantomSpec
