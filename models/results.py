@@ -25,7 +25,7 @@ class ModelInfo(BaseModel):
 
 class SubtypeResult(BaseModel):
     probability: float = Field(ge=0, le=1)  # calibrated study-level probability
-    present: bool  # probability >= the model's stored operating threshold
+    present: bool  # probability >= the model's operating threshold (a subtype: and "any" present)
     threshold: float
     slice_probabilities: list[float] = Field(default_factory=list)  # per slice, k order
 
@@ -35,6 +35,9 @@ class AnalysisResult(BaseModel):
     reason: str | None = None  # why not analysed
     models: list[ModelInfo] = Field(default_factory=list)
     findings: dict[str, SubtypeResult] = Field(default_factory=dict)  # keys from LABELS
+    # Which of the triage bundle's calibrations gave the probabilities and thresholds
+    # ("default" or a pixel-spacing band).
+    operating_point: str | None = None
     hematoma_volume_ml: float | None = None
     hematoma_abc2_ml: float | None = None
     midline_shift_mm: float | None = None

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from typer.testing import CliRunner
 
-from models.ich.evaluate import by_subtype, pooled_dice, subtype_recall
+from models.ich.evaluate import by_subtype, flag_metrics, pooled_dice, subtype_recall, triage_metrics
 from node.cli.main import app
 
 runner = CliRunner()
@@ -46,6 +46,30 @@ def test_by_subtype_and_pooled_dice():
     assert pooled_dice(rows) == round(2 * 101 / 260, 4)
 
 
+def test_metrics_count_the_calls_the_product_made():
+    # Study 1 (a normal at 0.8) came from a fine-pixel band whose threshold is 0.9, so it was
+    # not called: the metrics follow the calls, and report both thresholds used.
+    labels = np.zeros((4, 6))
+    labels[[0, 2], :] = 1
+    probs = np.tile(np.array([[0.95], [0.8], [0.7], [0.6]]), (1, 6))
+    thresholds = np.tile(np.array([[0.9], [0.9], [0.5], [0.5]]), (1, 6))
+    out = triage_metrics(labels, probs, thresholds, probs >= thresholds)["any"]
+    assert out["sensitivity"] == 1.0 and out["specificity"] == 0.5
+    assert out["threshold"] == [0.5, 0.9]
+    same = triage_metrics(labels, probs, np.full((4, 6), 0.5), probs >= 0.5)["any"]
+    assert same["threshold"] == 0.5 and same["specificity"] == 0.0
+
+
+def test_worklist_flag_counts_every_call():
+    positive = np.array([True, True, False, False])
+    present = np.zeros((4, 6), bool)
+    present[0, -1] = True  # caught by "any"
+    present[1, 1] = True  # a subtype call alone (another site's bundle): still flagged
+    present[2, 2] = True  # a normal with a subtype call: a false alarm for the worklist
+    assert flag_metrics(positive, present) == {"sensitivity": 1.0, "specificity": 0.5,
+                                               "false_alarms": 1, "missed": 0}
+
+
 def test_evaluate_cli_reports_bars_and_subtypes(tmp_path):
     out = tmp_path / "metrics.json"
     result = runner.invoke(app, ["evaluate", "all", "--studies", "3", "--matrix", "128",
@@ -58,3 +82,6 @@ def test_evaluate_cli_reports_bars_and_subtypes(tmp_path):
     assert set(seg["hematoma_by_subtype"]) >= {"subdural", "intraventricular"}
     assert seg["dice_hematoma_pooled"] is None or 0 <= seg["dice_hematoma_pooled"] <= 1
     assert "dice_hematoma_mean>=0.85" in metrics["bars"]
+    assert metrics["operating_points"] == {"default": 3}
+    flag = metrics["worklist_flag"]
+    assert flag["false_alarms"] + flag["missed"] <= 3

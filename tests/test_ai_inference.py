@@ -80,6 +80,75 @@ def test_checksum_mismatch_is_a_clear_error(bundles, tmp_path):
         load_bundle(bundles.models.segment, "triage")
 
 
+def _with_bands(src, folder, bands) -> None:
+    import shutil
+
+    shutil.copytree(src, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["spacing_bands"] = bands
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_pixel_spacing_band_picks_its_own_calibration(bundles, tmp_path):
+    # A band for fine pixels (a 512 matrix) with its own temperatures and thresholds; coarser
+    # series keep the default ones. The result says which applied.
+    folder = tmp_path / "banded"
+    band = {"pixel_spacing_mm": [0, 2.0], "thresholds": {label: 0.0 for label in LABELS},
+            "calibration": {"temperature": {label: 1e4 for label in LABELS}}}
+    _with_bands(bundles.models.triage, folder, [band])
+    settings = SimpleNamespace(models=SimpleNamespace(triage=folder, segment=bundles.models.segment,
+                                                      device="cpu"))
+    fine, _, _ = labelled_head(4, bleed=True, pixel_mm=1.5)
+    coarse, _, _ = labelled_head(4, bleed=True, pixel_mm=3.0)
+    banded, _ = analyze_volume(fine, settings)
+    assert banded.operating_point == "pixel spacing 0-2 mm"
+    for finding in banded.findings.values():  # temperature 1e4: every logit reads as ~0.5
+        assert finding.threshold == 0.0 and finding.present
+        assert finding.probability == pytest.approx(0.5, abs=1e-3)
+    default, _ = analyze_volume(coarse, settings)
+    plain, _ = analyze_volume(coarse, bundles)
+    assert default.operating_point == plain.operating_point == "default"
+    assert {k: (v.probability, v.threshold) for k, v in default.findings.items()} == \
+        {k: (v.probability, v.threshold) for k, v in plain.findings.items()}
+    assert all(v.threshold == 0.5 for v in default.findings.values())
+
+
+def test_subtypes_are_present_only_with_any(bundles, tmp_path):
+    # Subtype thresholds of 0 call every subtype; with "any" at 1.0 (never reached) none of
+    # them may be reported: a subtype without a hemorrhage is a contradiction on the worklist.
+    volume, _, _ = labelled_head(4, bleed=True)
+    for any_threshold, expected in ((1.0, False), (0.0, True)):
+        folder = tmp_path / f"any{any_threshold}"
+        thresholds = {**{label: 0.0 for label in LABELS}, "any": any_threshold}
+        band = {"pixel_spacing_mm": [0, 10], "thresholds": thresholds}
+        _with_bands(bundles.models.triage, folder, [band])
+        settings = SimpleNamespace(models=SimpleNamespace(triage=folder, device="cpu",
+                                                          segment=bundles.models.segment))
+        result, _ = analyze_volume(volume, settings)
+        assert {f.present for f in result.findings.values()} == {expected}
+
+
+@pytest.mark.parametrize("band", [{"pixel_spacing_mm": [1.0, 0.5], "thresholds": {}},
+                                  {"pixel_spacing_mm": [0, "1"], "thresholds": {}},
+                                  {"pixel_spacing_mm": [0, 1]}])
+def test_malformed_spacing_band_is_refused(bundles, tmp_path, band):
+    _with_bands(bundles.models.triage, tmp_path / "bad", [band])
+    with pytest.raises(BundleError, match="spacing_bands"):
+        load_bundle(tmp_path / "bad", "triage")
+
+
+def test_calibrated_band_replaces_its_range_and_refuses_overlaps():
+    from models.ich.calibrate import with_band
+
+    bands = with_band([], (0.0, 0.6), {"thresholds": {"any": 0.9}})
+    bands = with_band(bands, (1.0, 3.0), {"thresholds": {"any": 0.5}})
+    bands = with_band(bands, (0.0, 0.6), {"thresholds": {"any": 0.95}})
+    assert [(b["pixel_spacing_mm"], b["thresholds"]["any"]) for b in bands] == \
+        [([0.0, 0.6], 0.95), ([1.0, 3.0], 0.5)]
+    with pytest.raises(SystemExit, match="overlaps"):
+        with_band(bands, (0.5, 1.2), {"thresholds": {}})
+
+
 def test_torchscript_bundle_loads(bundles, tmp_path):
     import shutil
 

@@ -4,7 +4,9 @@ Layout (MONAI-bundle-like, flattened)::
 
     config.json    name, version, kind (triage|segment), network kwargs, model frame
                    (spacing_mm, size), calibration (per-label temperature), thresholds and
-                   the sensitivity they were chosen for
+                   the sensitivity they were chosen for; optionally ``spacing_bands``: the
+                   same three chosen on validation studies of one in-plane pixel-spacing
+                   range (a 512 x 512 scan reads differently from a 128 x 128 one)
     model.pt       state dict (loaded with ``weights_only=True``)   -- or --
     model.ts       TorchScript module (a hospital's own export)
     metadata.json  sha256 of the weights file, training command, data, metrics
@@ -53,6 +55,29 @@ class Bundle:
     @property
     def frame(self) -> dict:
         return self.config.get("frame", {"spacing_mm": 2.0, "size": 128})
+
+    def operating_point(self, pixel_mm: float | None) -> OperatingPoint:
+        """Temperatures and thresholds for a series of in-plane pixel spacing ``pixel_mm``: those
+        of the spacing band that holds it, else the bundle's default ones."""
+        for band in self.config.get("spacing_bands", []):
+            lo, hi = band["pixel_spacing_mm"]
+            if pixel_mm is not None and lo <= pixel_mm < hi:
+                return OperatingPoint.of(band, f"pixel spacing {lo:g}-{hi:g} mm")
+        return OperatingPoint.of(self.config, "default")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Calibration temperatures and operating thresholds per label, and where they came from."""
+
+    temperatures: dict
+    thresholds: dict
+    band: str
+
+    @classmethod
+    def of(cls, entry: dict, band: str) -> "OperatingPoint":
+        return cls(dict(entry.get("calibration", {}).get("temperature", {})),
+                   dict(entry.get("thresholds", {})), band)
 
 
 @dataclass
@@ -116,6 +141,7 @@ def load_bundle(folder: Path | None, kind: str, device: torch.device | str = "cp
     if actual != expected:
         raise BundleError(f"{folder}: checksum mismatch for {weights_name} "
                           f"(expected {expected[:12]}..., found {actual[:12]}...)")
+    _check_spacing_bands(folder, config.get("spacing_bands", []))
     network = _load_network(weights, config, kind, device)
     return Bundle(folder, config, metadata, network, actual, weights_name)
 
@@ -133,6 +159,20 @@ def _load_network(weights: Path, config: dict, kind: str, device) -> nn.Module:
     except (RuntimeError, ValueError, TypeError, OSError) as exc:
         raise BundleError(f"{weights}: cannot load weights ({str(exc).splitlines()[0]})") from exc
     return network.eval()
+
+
+def _check_spacing_bands(folder: Path, bands) -> None:  # noqa: ANN001
+    """A malformed band would silently fall back to the default thresholds: refuse it."""
+    if not isinstance(bands, list):
+        raise BundleError(f"{folder}: spacing_bands must be a list")
+    for n, band in enumerate(bands):
+        rng = band.get("pixel_spacing_mm") if isinstance(band, dict) else None
+        ok = (isinstance(rng, list) and len(rng) == 2
+              and all(isinstance(v, (int, float)) for v in rng) and 0 <= rng[0] < rng[1]
+              and isinstance(band.get("thresholds"), dict))
+        if not ok:
+            raise BundleError(f"{folder}: spacing_bands[{n}] needs pixel_spacing_mm [low, high] "
+                              f"(0 <= low < high) and thresholds")
 
 
 def _read_json(path: Path) -> dict:

@@ -5,6 +5,11 @@ Training ends with this step; run it on its own to move the operating point (a s
 
     python -m models.ich.calibrate --write models/weights/triage --sensitivity 0.95
     python -m models.ich.calibrate --write BUNDLE --dataset rsna:/data/rsna   # your own data
+    python -m models.ich.calibrate --write BUNDLE --matrix 512 --band 0:0.7  # a spacing band
+
+``--band LOW:HIGH`` stores the result as the operating point of series whose in-plane pixel
+spacing lies in [LOW, HIGH) mm (``spacing_bands``), leaving the default one as it is: validate
+it on data of that spacing (phantoms at ``--matrix 512`` have 0.38-0.55 mm pixels).
 
 Validation only (phantom seeds 500000.. or the dataset's hash-split "val" part), never the
 evaluation seeds. Writes ``calibration``, ``thresholds`` and ``operating_point`` into the
@@ -33,6 +38,28 @@ def recalibrate(triage_dir: Path, segment_dir: Path | None, cfg: TrainConfig, va
     return update
 
 
+def with_band(bands: list[dict], band: tuple[float, float], update: dict) -> list[dict]:
+    """``bands`` with ``update`` as the entry for ``band`` (replacing one of the same range),
+    sorted by range. Overlapping ranges are refused: which one applies would be ambiguous."""
+    lo, hi = band
+    kept = [b for b in bands if tuple(b["pixel_spacing_mm"]) != band]
+    for b in kept:
+        if b["pixel_spacing_mm"][0] < hi and lo < b["pixel_spacing_mm"][1]:
+            raise SystemExit(f"band {lo:g}:{hi:g} overlaps {b['pixel_spacing_mm']}")
+    return sorted([*kept, {"pixel_spacing_mm": [lo, hi], **update}],
+                  key=lambda b: b["pixel_spacing_mm"][0])
+
+
+def _band(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LOW:HIGH in mm") from None
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LOW < HIGH")
+    return lo, hi
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write", type=Path, required=True, help="triage bundle folder")
@@ -46,6 +73,8 @@ def main() -> None:
     parser.add_argument("--matrix", type=int, default=128)
     parser.add_argument("--thickness", type=float, default=5.0)
     parser.add_argument("--cache", type=Path, default=Path("var/cache/phantoms"))
+    parser.add_argument("--band", type=_band, default=None, metavar="LOW:HIGH",
+                        help="store as the operating point of this pixel-spacing band (mm)")
     args = parser.parse_args()
     triage = json.loads((args.write / "config.json").read_text())
     frame = triage["frame"]
@@ -54,6 +83,9 @@ def main() -> None:
                       spacing_mm=frame["spacing_mm"], size=frame["size"], cache_dir=args.cache,
                       target_sensitivity=args.sensitivity)
     update = recalibrate(args.write, args.segment, cfg)
+    if args.band:
+        update["operating_point"].update(matrix=args.matrix, dataset=args.dataset)
+        update = {"spacing_bands": with_band(triage.get("spacing_bands", []), args.band, update)}
     triage.update(update)
     (args.write / "config.json").write_text(json.dumps(triage, indent=2) + "\n")
     print(json.dumps(update, indent=2))

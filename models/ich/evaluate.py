@@ -1,7 +1,8 @@
 """Evaluation on held-out data: phantom seeds from TEST_BASE (never used by training or
 validation), run through the same ``analyze_volume`` as production, measured on the ORIGINAL grid.
 
-Metrics: per-label study AUC and sensitivity/specificity at the stored operating threshold;
+Metrics: per-label study AUC and sensitivity/specificity of the calls made (stored operating
+thresholds; subtypes only where "any" is present); the worklist flag (ICH present or not);
 Dice for hematoma (positive studies) and ventricles; hematoma volume error (mL and %);
 midline-shift error (mm); false-positive hematoma volume on normal studies.
 """
@@ -9,6 +10,7 @@ midline-shift error (mm); false-positive hematoma volume on normal studies.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -40,20 +42,36 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores))
 
 
-def triage_metrics(labels: np.ndarray, probs: np.ndarray, thresholds: dict) -> dict:
+def triage_metrics(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray,
+                   present: np.ndarray) -> dict:
+    """Per label: AUC, and sensitivity/specificity of the calls the product made (``present``,
+    (studies, labels): each study at its own thresholds, as a pixel-spacing band may give a
+    study other ones, and subtypes only where "any" is present)."""
     out = {}
     for n, label in enumerate(LABELS):
-        y, p = labels[:, n] > 0.5, probs[:, n]
-        called = p >= float(thresholds.get(label, 0.5))
+        y, p, called = labels[:, n] > 0.5, probs[:, n], present[:, n]
         auc = _auc(y.astype(int), p)
+        used = sorted({round(float(t), 4) for t in thresholds[:, n]})
         out[label] = {
             "auc": None if auc is None else round(auc, 4),
             "sensitivity": round(float(called[y].mean()), 4) if y.any() else None,
             "specificity": round(float((~called[~y]).mean()), 4) if (~y).any() else None,
-            "threshold": round(float(thresholds.get(label, 0.5)), 4),
+            "threshold": used[0] if len(used) == 1 else used,
             "positives": int(y.sum()), "negatives": int((~y).sum()),
         }
     return out
+
+
+def flag_metrics(positive: np.ndarray, present: np.ndarray) -> dict:
+    """What the worklist sees: a study is flagged when "any" or a subtype is called present
+    (node/priority.py), measured on its own because a subtype call alone once flagged every
+    normal study."""
+    flagged = present.any(axis=1)
+    return {
+        "sensitivity": round(float(flagged[positive].mean()), 4) if positive.any() else None,
+        "specificity": round(float((~flagged[~positive]).mean()), 4) if (~positive).any() else None,
+        "false_alarms": int((flagged & ~positive).sum()), "missed": int((~flagged & positive).sum()),
+    }
 
 
 def _summary(values: Iterable[float | None]) -> dict | None:
@@ -92,6 +110,9 @@ def evaluate_phantoms(cfg: EvalConfig, settings=None, progress: ProgressFn = _pl
             "seed": seed,
             "labels": truth["study_labels"],
             "probs": [result.findings[label].probability for label in LABELS],
+            "thresholds": [result.findings[label].threshold for label in LABELS],
+            "present": [result.findings[label].present for label in LABELS],
+            "operating_point": result.operating_point,
             "dice_hematoma": 2 * counts[2] / (counts[0] + counts[1]) if true_hem.any() else None,
             "hematoma_voxels": counts,
             "subtype_recall": subtype_recall(masks["hematoma"], study.masks),
@@ -104,8 +125,7 @@ def evaluate_phantoms(cfg: EvalConfig, settings=None, progress: ProgressFn = _pl
             "true_shift_mm": truth["midline_shift_mm"], "pred_shift_mm": result.midline_shift_mm,
             "seconds": result.seconds.get("total"),
         })
-    thresholds = {label: bundles[0].config.get("thresholds", {}).get(label, 0.5) for label in LABELS}
-    return summarise(rows, thresholds, cfg, time.time() - start, [b.sha256 for b in bundles[:2]])
+    return summarise(rows, cfg, time.time() - start, [b.sha256 for b in bundles[:2]])
 
 
 def subtype_recall(predicted: np.ndarray, true_masks: dict) -> dict:
@@ -139,17 +159,20 @@ def pooled_dice(rows: list[dict]) -> float | None:
     return round(float(2 * sums[:, 2].sum() / sums[:, :2].sum()), 4)
 
 
-def summarise(rows: list[dict], thresholds: dict, cfg: EvalConfig, seconds: float,
-              checksums: list[str]) -> dict:
+def summarise(rows: list[dict], cfg: EvalConfig, seconds: float, checksums: list[str]) -> dict:
     labels = np.array([r["labels"] for r in rows], dtype=float)
     probs = np.array([r["probs"] for r in rows], dtype=float)
+    thresholds = np.array([r["thresholds"] for r in rows], dtype=float)
+    present = np.array([r["present"] for r in rows], dtype=bool)
     positive = labels[:, -1] > 0.5
     out: dict = {"held_out": f"phantom seeds {TEST_BASE}..{TEST_BASE + cfg.studies - 1}",
                  "studies": len(rows), "positives": int(positive.sum()),
                  "matrix": cfg.matrix, "slice_thickness_mm": cfg.thickness,
-                 "model_sha256": checksums, "seconds": round(seconds, 1)}
+                 "model_sha256": checksums, "seconds": round(seconds, 1),
+                 "operating_points": dict(Counter(r["operating_point"] for r in rows))}
     if cfg.what in ("triage", "all"):
-        out["triage"] = triage_metrics(labels, probs, thresholds)
+        out["triage"] = triage_metrics(labels, probs, thresholds, present)
+        out["worklist_flag"] = flag_metrics(positive, present)
     if cfg.what in ("segment", "all"):
         vol_err = [abs(r["pred_volume_ml"] - r["true_volume_ml"]) for r, p in zip(rows, positive) if p]
         rel_err = [abs(r["pred_volume_ml"] - r["true_volume_ml"]) / max(r["true_volume_ml"], 1e-6)

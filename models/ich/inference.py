@@ -24,7 +24,7 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
 from models.ich import measure, postprocess
-from models.ich.bundle import Bundle, BundleError, load_bundle
+from models.ich.bundle import Bundle, BundleError, OperatingPoint, load_bundle
 from models.ich.networks import IN_CHANNELS, SEG_PRIOR_CHANNELS, triage_input
 from models.preprocess.cavity import CavityNotFound, intracranial_mask, keep_intracranial
 from models.preprocess.series import SeriesError
@@ -98,7 +98,10 @@ def analyze_volume(volume: Volume, settings=None, *, bundles=None,  # noqa: ANN0
 
     t = time.perf_counter()
     x_triage = triage_input(x, probs.permute(1, 0, 2, 3), _in_channels(triage))
-    slice_probs, study_probs = run_triage(triage, x_triage, device)
+    # In-plane pixel spacing picks the calibration: a 0.45 mm scan reads differently from a
+    # 1.8 mm one even on the same 2 mm model grid.
+    operating = triage.operating_point(min(volume.spacing[1:]))
+    slice_probs, study_probs = run_triage(triage, x_triage, device, operating)
     slice_probs = frame.slice_values_to_original(slice_probs)
     seconds["triage"] = time.perf_counter() - t
 
@@ -116,11 +119,11 @@ def analyze_volume(volume: Volume, settings=None, *, bundles=None,  # noqa: ANN0
                                       float(study_probs[LABELS.index("any")]),
                                       postprocess.rule_of(segment.config))
     masks = {"hematoma": hematoma, "ventricle_left": labels == 2, "ventricle_right": labels == 3}
-    findings = _findings(triage, slice_probs, study_probs)
+    findings = _findings(operating, slice_probs, study_probs)
     masks["hematoma_subtype"] = _component_subtypes(hematoma, slice_probs, findings)
     result = AnalysisResult(
         models=[ModelInfo(name=b.name, version=b.version, sha256=b.sha256) for b in (triage, segment)],
-        findings=findings,
+        findings=findings, operating_point=operating.band,
         **_measurements(volume, frame, masks),
     )
     seconds["measure"] = time.perf_counter() - t
@@ -151,19 +154,15 @@ def _frame_args(bundle: Bundle) -> dict:
 
 
 @torch.no_grad()
-def run_triage(bundle: Bundle, x: torch.Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def run_triage(bundle: Bundle, x: torch.Tensor, device: torch.device,
+               operating: OperatingPoint) -> tuple[np.ndarray, np.ndarray]:
     """(K, 9, H, W) -> calibrated per-slice (K, 6) and study (6,) probabilities."""
     with _autocast(device):
         slice_logits, study_logits = bundle.network(x[None].to(device))
-    temps = calibration_temperatures(bundle)
+    temps = torch.tensor([float(operating.temperatures.get(label, 1.0)) for label in LABELS])
     slice_probs = torch.sigmoid(slice_logits[0].float().cpu() / temps).numpy()
     study_probs = torch.sigmoid(study_logits[0].float().cpu() / temps).numpy()
     return slice_probs, study_probs
-
-
-def calibration_temperatures(bundle: Bundle) -> torch.Tensor:
-    cal = bundle.config.get("calibration", {}).get("temperature", {})
-    return torch.tensor([float(cal.get(label, 1.0)) for label in LABELS])
 
 
 @torch.no_grad()
@@ -181,13 +180,19 @@ def run_segmentation(bundle: Bundle, x: torch.Tensor, device: torch.device,
     return torch.cat(out).permute(1, 0, 2, 3)
 
 
-def _findings(bundle: Bundle, slice_probs: np.ndarray, study_probs: np.ndarray) -> dict:
-    thresholds = bundle.config.get("thresholds", {})
+def _findings(operating: OperatingPoint, slice_probs: np.ndarray, study_probs: np.ndarray) -> dict:
+    """Per label: probability, threshold and whether present. A subtype is present only when
+    "any" is: every subtype is a hemorrhage, and the subtype thresholds (chosen for sensitivity
+    0.95 on labels the model separates far less well than "any") on their own called a
+    subtype in every held-out normal study, each of them a false URGENT on the worklist."""
+    p_any = float(np.clip(study_probs[LABELS.index("any")], 0, 1))
+    any_present = p_any >= float(operating.thresholds.get("any", 0.5))
     out = {}
     for n, label in enumerate(LABELS):
-        threshold = float(thresholds.get(label, 0.5))
+        threshold = float(operating.thresholds.get(label, 0.5))
         p = float(np.clip(study_probs[n], 0, 1))
-        out[label] = SubtypeResult(probability=p, present=p >= threshold, threshold=threshold,
+        out[label] = SubtypeResult(probability=p, present=p >= threshold and any_present,
+                                   threshold=threshold,
                                    slice_probabilities=[round(float(v), 4) for v in slice_probs[:, n]])
     return out
 

@@ -183,7 +183,8 @@ def register(app: typer.Typer, train_app: typer.Typer, evaluate_app: typer.Typer
             return
         rows = [{"label": k, "probability": f"{v.probability:.3f}", "threshold": f"{v.threshold:.3f}",
                  "present": v.present} for k, v in result.findings.items()]
-        print_rows(rows, ["label", "probability", "threshold", "present"], title="Findings")
+        print_rows(rows, ["label", "probability", "threshold", "present"],
+                   title=f"Findings (operating point: {result.operating_point})")
         console.print(f"hematoma {result.hematoma_volume_ml} mL (ABC/2 {result.hematoma_abc2_ml}), "
                       f"midline shift {result.midline_shift_mm} mm, ventricles L/R "
                       f"{result.ventricle_left_ml}/{result.ventricle_right_ml} mL, "
@@ -209,7 +210,10 @@ def _evaluate(what: str, studies: int, matrix: int, thickness: float, out: Optio
     if "triage" in metrics:
         rows = [{"label": k, **v} for k, v in metrics["triage"].items()]
         print_rows(rows, ["label", "auc", "sensitivity", "specificity", "threshold", "positives",
-                          "negatives"], title=f"Triage ({metrics['held_out']})")
+                          "negatives"], title=f"Triage ({metrics['held_out']}; operating points "
+                                              f"{metrics['operating_points']})")
+        print_rows([metrics["worklist_flag"]], ["sensitivity", "specificity", "false_alarms",
+                                                 "missed"], title="Worklist flag (ICH present)")
     if "segment" in metrics:
         seg = dict(metrics["segment"])
         per_subtype = seg.pop("hematoma_by_subtype", {})
