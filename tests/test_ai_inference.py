@@ -113,9 +113,10 @@ def test_pixel_spacing_band_picks_its_own_calibration(bundles, tmp_path):
     assert all(v.threshold == 0.5 for v in default.findings.values())
 
 
-def test_subtypes_are_present_only_with_any(bundles, tmp_path):
+def test_subtypes_and_hematoma_mask_only_with_any(bundles, tmp_path):
     # Subtype thresholds of 0 call every subtype; with "any" at 1.0 (never reached) none of
-    # them may be reported: a subtype without a hemorrhage is a contradiction on the worklist.
+    # them may be reported, and no hematoma mask or volume either: a subtype or a hematoma
+    # without a hemorrhage is a contradiction on the worklist and in the SEG.
     volume, _, _ = labelled_head(4, bleed=True)
     for any_threshold, expected in ((1.0, False), (0.0, True)):
         folder = tmp_path / f"any{any_threshold}"
@@ -124,8 +125,10 @@ def test_subtypes_are_present_only_with_any(bundles, tmp_path):
         _with_bands(bundles.models.triage, folder, [band])
         settings = SimpleNamespace(models=SimpleNamespace(triage=folder, device="cpu",
                                                           segment=bundles.models.segment))
-        result, _ = analyze_volume(volume, settings)
+        result, masks = analyze_volume(volume, settings)
         assert {f.present for f in result.findings.values()} == {expected}
+        assert masks["hematoma"].any() == expected == (result.hematoma_volume_ml > 0)
+        assert (masks["hematoma_subtype"] > 0).any() == expected
 
 
 @pytest.mark.parametrize("band", [{"pixel_spacing_mm": [1.0, 0.5], "thresholds": {}},

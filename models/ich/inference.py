@@ -118,8 +118,12 @@ def analyze_volume(volume: Volume, settings=None, *, bundles=None,  # noqa: ANN0
     hematoma = postprocess.apply_rule(hematoma, volume.hu, voxel_ml,
                                       float(study_probs[LABELS.index("any")]),
                                       postprocess.rule_of(segment.config))
-    masks = {"hematoma": hematoma, "ventricle_left": labels == 2, "ventricle_right": labels == 3}
     findings = _findings(operating, slice_probs, study_probs)
+    if not findings["any"].present:
+        # No hemorrhage called, so no hematoma mask or volume: the SEG, the report and the
+        # worklist's volume rule would otherwise describe a bleed the flag says is absent.
+        hematoma = np.zeros_like(hematoma)
+    masks = {"hematoma": hematoma, "ventricle_left": labels == 2, "ventricle_right": labels == 3}
     masks["hematoma_subtype"] = _component_subtypes(hematoma, slice_probs, findings)
     result = AnalysisResult(
         models=[ModelInfo(name=b.name, version=b.version, sha256=b.sha256) for b in (triage, segment)],

@@ -11,6 +11,10 @@ base, noise). The rule, stored as ``"postprocess"`` in the segment bundle's conf
 
 Without the key the old behaviour applies (specks < 0.05 mL removed). Parameters are chosen by
 ``python -m models.ich.postprocess`` on validation seeds (500000..), never on evaluation seeds.
+
+After the rule, inference empties the mask when the triage model does not call "any" present
+(its operating threshold, above any useful gate), so the tuning here only sees the masks of
+studies called a bleed: a gate at or below that threshold changes nothing.
 """
 
 from __future__ import annotations
