@@ -225,12 +225,18 @@ def test_cli_models_and_analyze(bundles, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     assert [r["verified"] for r in rows] == [True, True]
+    assert rows[0]["operating_points"] == "default: any >= 0.500"
+    monkeypatch.delenv("ICHNODE_MODELS__TRIAGE")  # the demo bundle: its 512 band is listed
+    demo = json.loads(runner.invoke(app, ["models", "--json"]).stdout)[0]["operating_points"]
+    assert demo.startswith("default: any >= 0.") and "; pixels 0-0.7 mm: any >= 0." in demo
+    monkeypatch.setenv("ICHNODE_MODELS__TRIAGE", str(bundles.models.triage))
     volume, _, _ = labelled_head(8, bleed=True)
     write_ct_series(tmp_path / "dcm", volume.hu, volume.affine, shuffle=True)
     res = runner.invoke(app, ["analyze", str(tmp_path / "dcm"), "--json",
                               "--masks", str(tmp_path / "m.npz")])
     assert res.exit_code == 0, res.output
     assert set(json.loads(res.stdout)["findings"]) == set(LABELS)
+    assert json.loads(res.stdout)["operating_point"] == "default"
     assert (tmp_path / "m.npz").exists()
     monkeypatch.setenv("ICHNODE_MODELS__TRIAGE", str(tmp_path / "missing"))
     res = runner.invoke(app, ["analyze", str(tmp_path / "dcm")])

@@ -59,6 +59,17 @@ def _matrices(text: str) -> tuple[int, ...]:
     return values
 
 
+def _operating_points(config: dict) -> str:
+    """A triage bundle's "any" thresholds: the default one and one per pixel-spacing band."""
+    if "thresholds" not in config:
+        return ""
+    points = [f"default: any >= {config['thresholds'].get('any', 0.5):.3f}"]
+    for band in config.get("spacing_bands", []):
+        lo, hi = band["pixel_spacing_mm"]
+        points.append(f"pixels {lo:g}-{hi:g} mm: any >= {band['thresholds'].get('any', 0.5):.3f}")
+    return "; ".join(points)
+
+
 def register(app: typer.Typer, train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
     """Add this area's commands to the top-level app and the train/evaluate groups."""
 
@@ -140,12 +151,13 @@ def register(app: typer.Typer, train_app: typer.Typer, evaluate_app: typer.Typer
             try:
                 b = load_bundle(path, kind)
                 rows.append({"kind": kind, "name": b.name, "version": b.version, "path": str(b.path),
-                             "sha256": b.sha256, "verified": True})
+                             "sha256": b.sha256, "verified": True,
+                             "operating_points": _operating_points(b.config)})
             except BundleError as exc:
                 rows.append({"kind": kind, "path": str(path or "(demo)"), "verified": False,
                              "error": str(exc)})
-        print_rows(rows, ["kind", "name", "version", "verified", "sha256", "path", "error"],
-                   title="ICH models", as_json=as_json)
+        print_rows(rows, ["kind", "name", "version", "verified", "sha256", "path",
+                          "operating_points", "error"], title="ICH models", as_json=as_json)
         if not all(r["verified"] for r in rows):
             raise typer.Exit(1)
 
