@@ -105,6 +105,15 @@ def test_pixel_spacing_band_picks_its_own_calibration(bundles, tmp_path):
     for finding in banded.findings.values():  # temperature 1e4: every logit reads as ~0.5
         assert finding.threshold == 0.0 and finding.present
         assert finding.probability == pytest.approx(0.5, abs=1e-3)
+    # A band with thresholds only keeps the default temperatures (the demo bundle's).
+    from models.ich.bundle import default_bundle_path
+
+    _with_bands(default_bundle_path("triage"), tmp_path / "thresholds_only",
+                [{"pixel_spacing_mm": [0, 2.0], "thresholds": {"any": 0.7}}])
+    demo = load_bundle(tmp_path / "thresholds_only", "triage")
+    banded_point, default_point = demo.operating_point(1.5), demo.operating_point(3.0)
+    assert banded_point.thresholds == {"any": 0.7} != default_point.thresholds
+    assert banded_point.temperatures == default_point.temperatures and default_point.temperatures
     default, _ = analyze_volume(coarse, settings)
     plain, _ = analyze_volume(coarse, bundles)
     assert default.operating_point == plain.operating_point == "default"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -58,12 +58,15 @@ class Bundle:
 
     def operating_point(self, pixel_mm: float | None) -> OperatingPoint:
         """Temperatures and thresholds for a series of in-plane pixel spacing ``pixel_mm``: those
-        of the spacing band that holds it, else the bundle's default ones."""
+        of the spacing band that holds it (a band without its own temperatures keeps the
+        default ones), else the bundle's default ones."""
+        default = OperatingPoint.of(self.config, "default")
         for band in self.config.get("spacing_bands", []):
             lo, hi = band["pixel_spacing_mm"]
             if pixel_mm is not None and lo <= pixel_mm < hi:
-                return OperatingPoint.of(band, f"pixel spacing {lo:g}-{hi:g} mm")
-        return OperatingPoint.of(self.config, "default")
+                own = OperatingPoint.of(band, f"pixel spacing {lo:g}-{hi:g} mm")
+                return replace(own, temperatures=own.temperatures or default.temperatures)
+        return default
 
 
 @dataclass(frozen=True)
