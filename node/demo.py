@@ -180,10 +180,13 @@ def _finding_text(results: dict | None) -> tuple[str, str, str, str]:
     present = [f"{k} {v['probability']:.2f}" for k, v in findings.items()
                if k != "any" and v.get("present")]
     anyp = findings.get("any", {}).get("probability")
+    threshold = findings.get("any", {}).get("threshold")
     label = ", ".join(present) or "no hemorrhage"
     vol = results.get("hematoma_volume_ml")
     shift = results.get("midline_shift_mm")
-    return (label, "" if anyp is None else f"{anyp:.2f}",
+    # The threshold beside the probability: 0.78 reads as "no hemorrhage" only next to 0.95.
+    anytext = "" if anyp is None else f"{anyp:.2f}" + ("" if threshold is None else f" / {threshold:.2f}")
+    return (label, anytext,
             "" if vol is None else f"{vol:.1f}", "" if shift is None else f"{shift:.1f}")
 
 
@@ -250,7 +253,7 @@ def run_demo(out: Path, *, thickness_mm: float = 5.0, timeout_s: float = 900.0) 
                 status.update(f"waiting for results at the PACS... {len(pending)} to go")
                 time.sleep(1.0)
         table = Table(title="ichnode demo — results at the PACS")
-        for col in ("study", "findings", "P(any)", "volume mL", "shift mm", "priority",
+        for col in ("study", "findings", "P(any) / threshold", "volume mL", "shift mm", "priority",
                     "objects at PACS", "last slice → results (s)"):
             table.add_column(col)
         previews = out / "previews"

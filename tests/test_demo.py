@@ -29,3 +29,15 @@ def test_demo_delivers_results_for_every_study(tmp_path):
     log = (out / "node.log").read_text()
     for phi in ("DEMO^", "DEMO000", "ACC0000"):  # patient name, ID, accession
         assert phi not in log
+
+
+def test_demo_table_shows_p_any_beside_its_threshold():
+    from node.demo import _finding_text
+
+    results = {"status": "ok", "hematoma_volume_ml": 0.0, "midline_shift_mm": 3.31,
+               "findings": {"any": {"probability": 0.783, "threshold": 0.9516, "present": False},
+                            "subdural": {"probability": 0.2, "threshold": 0.04, "present": False}}}
+    assert _finding_text(results) == ("no hemorrhage", "0.78 / 0.95", "0.0", "3.3")
+    results["findings"]["subdural"]["present"] = True
+    assert _finding_text(results)[0] == "subdural 0.20"
+    assert _finding_text(None) == ("no result", "", "", "")
