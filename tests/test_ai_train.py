@@ -152,6 +152,35 @@ def test_tiny_triage_training_writes_a_calibrated_bundle(tmp_path, tiny_cases, t
         train(cfg, cases=tiny_cases)
 
 
+def test_calibrate_cli_adds_a_band_and_keeps_the_rest(tmp_path, monkeypatch):
+    # `python -m models.ich.calibrate --band` on a copy of the demo bundle: the new band holds
+    # its own operating point, the default one and the shipped 512 band stay as they were.
+    import shutil
+    import sys
+
+    from models.ich import calibrate
+    from models.ich.bundle import default_bundle_path
+
+    folder = tmp_path / "triage"
+    shutil.copytree(default_bundle_path("triage"), folder)
+    before = json.loads((folder / "config.json").read_text())
+    monkeypatch.setattr(sys, "argv", ["calibrate", "--write", str(folder), "--val-studies", "6",
+                                      "--matrix", "128", "--band", "1:3",
+                                      "--cache", str(tmp_path / "cache")])
+    calibrate.main()
+    after = json.loads((folder / "config.json").read_text())
+    assert {k: after[k] for k in ("thresholds", "calibration", "operating_point")} == \
+        {k: before[k] for k in ("thresholds", "calibration", "operating_point")}
+    assert [b["pixel_spacing_mm"] for b in after["spacing_bands"]] == [[0.0, 0.7], [1.0, 3.0]]
+    assert after["spacing_bands"][0] == before["spacing_bands"][0]
+    band = after["spacing_bands"][1]
+    assert set(band["thresholds"]) == set(LABELS) and band["operating_point"]["matrix"] == 128
+    assert band["operating_point"]["validation_studies"] == 6
+    bundle = load_bundle(folder, "triage")  # still a valid bundle, same weights
+    assert bundle.sha256 == load_bundle(default_bundle_path("triage"), "triage").sha256
+    assert bundle.operating_point(1.8).band == "pixel spacing 1-3 mm"
+
+
 def test_study_stage_only_keeps_the_slice_encoder(tmp_path, tiny_cases, tiny_segment):
     """--study-stage-only retrains the GRU and heads on the --init bundle's frozen encoder."""
     base = dict(kind="triage", epochs=1, spacing_mm=4.0, size=64, network=TRIAGE_NET,
