@@ -111,18 +111,13 @@ def analyze_volume(volume: Volume, settings=None, *, bundles=None,  # noqa: ANN0
 
     t = time.perf_counter()
     labels[~intracranial] = 0  # the probabilities' upsampling may bleed past the cavity edge
-    voxel_ml = volume.voxel_volume_ml
-    hematoma = measure.remove_small_components(
-        labels == 1, max(1, int(round(MIN_COMPONENT_ML / voxel_ml))))
-    # The bundle's false-positive rule (triage gate, component size, blood HU range).
-    hematoma = postprocess.apply_rule(hematoma, volume.hu, voxel_ml,
-                                      float(study_probs[LABELS.index("any")]),
-                                      postprocess.rule_of(segment.config))
     findings = _findings(operating, slice_probs, study_probs)
-    if not findings["any"].present:
+    if findings["any"].present:
+        hematoma = _hematoma(labels == 1, volume, float(study_probs[LABELS.index("any")]), segment)
+    else:
         # No hemorrhage called, so no hematoma mask or volume: the SEG, the report and the
         # worklist's volume rule would otherwise describe a bleed the flag says is absent.
-        hematoma = np.zeros_like(hematoma)
+        hematoma = np.zeros(labels.shape, dtype=bool)
     masks = {"hematoma": hematoma, "ventricle_left": labels == 2, "ventricle_right": labels == 3}
     masks["hematoma_subtype"] = _component_subtypes(hematoma, slice_probs, findings)
     result = AnalysisResult(
@@ -134,6 +129,15 @@ def analyze_volume(volume: Volume, settings=None, *, bundles=None,  # noqa: ANN0
     seconds["total"] = time.perf_counter() - t0
     result.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return result, masks
+
+
+def _hematoma(raw: np.ndarray, volume: Volume, p_any: float, segment: Bundle) -> np.ndarray:
+    """The segmenter's hematoma label without specks, then the bundle's false-positive rule
+    (triage gate, component size, blood HU range)."""
+    voxel_ml = volume.voxel_volume_ml
+    hematoma = measure.remove_small_components(raw, max(1, int(round(MIN_COMPONENT_ML / voxel_ml))))
+    return postprocess.apply_rule(hematoma, volume.hu, voxel_ml, p_any,
+                                  postprocess.rule_of(segment.config))
 
 
 def _intracranial(volume: Volume, given: np.ndarray | None) -> np.ndarray:
